@@ -1,0 +1,164 @@
+"""Near-duplicate text detection: MinHash signatures and LSH banding, vectorised with NumPy.
+
+Written by hand rather than taken from datasketch because it works on a whole batch of documents at once
+(one matrix of shingle hashes, one `minimum.reduceat`), where datasketch updates one document and one
+shingle at a time in Python; `benchmarks/bench_dedup.py` measures both at the same settings.
+The banding parameters are chosen the way datasketch does (minimising the weighted false-positive and
+false-negative areas under the S-curve), so a threshold means the same thing in both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+_MAX_SHINGLES_PER_CHUNK = 1 << 17  # bounds the (shingles x permutations) matrix to ~128 MB at 128 perms
+
+
+def normalize(text: str) -> str:
+    """Unicode NFKC, case-folded, whitespace collapsed: what 'the same text' means for exact dedup."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def exact_hash(text: str) -> str:
+    return hashlib.sha256(normalize(text).encode("utf-8")).hexdigest()[:32]
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class MinHasher:
+    """Signatures over word n-gram shingles; `num_perm` universal hash functions (multiply-shift)."""
+
+    def __init__(self, num_perm: int = 128, ngram: int = 3, seed: int = 1):
+        rng = np.random.default_rng(seed)
+        self.num_perm, self.ngram = num_perm, ngram
+        self._a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)
+        self._b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
+
+    def shingles(self, text: str) -> np.ndarray:
+        """Distinct 64-bit hashes of the word n-grams of `text` (one shingle if it has fewer words)."""
+        words = _WORD.findall(normalize(text))
+        if not words:
+            return np.empty(0, dtype=np.uint64)
+        word_hashes = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in words), dtype=np.uint64, count=len(words))
+        n = min(self.ngram, len(words))
+        width = len(words) - n + 1
+        h = np.zeros(width, dtype=np.uint64)
+        for j in range(n):
+            h = _splitmix64(h ^ word_hashes[j : j + width])
+        return np.unique(h)
+
+    def signatures(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(signatures uint32 [len(texts), num_perm], has_words bool [len(texts)])."""
+        sigs = np.full((len(texts), self.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+        shingle_sets = [self.shingles(t) for t in texts]
+        has_words = np.array([len(s) > 0 for s in shingle_sets], dtype=bool)
+        start = 0
+        while start < len(texts):
+            stop, budget = start, 0
+            while stop < len(texts) and (stop == start or budget + len(shingle_sets[stop]) <= _MAX_SHINGLES_PER_CHUNK):
+                budget += len(shingle_sets[stop])
+                stop += 1
+            chunk = [s for s in shingle_sets[start:stop] if len(s)]
+            rows = np.flatnonzero(has_words[start:stop]) + start
+            if chunk:
+                flat = np.concatenate(chunk)
+                offsets = np.cumsum([0] + [len(s) for s in chunk[:-1]])
+                values = ((flat[:, None] * self._a[None, :] + self._b[None, :]) >> np.uint64(32)).astype(np.uint32)
+                sigs[rows] = np.minimum.reduceat(values, offsets, axis=0)
+            start = stop
+        return sigs, has_words
+
+
+def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
+    """(bands, rows) minimising the weighted false-positive and false-negative probability areas."""
+    s_lo = np.linspace(0.0, threshold, 200)
+    s_hi = np.linspace(threshold, 1.0, 200)
+    best, best_err = (1, num_perm), float("inf")
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            fp = np.trapezoid(1 - (1 - s_lo**r) ** b, s_lo)
+            fn = np.trapezoid((1 - s_hi**r) ** b, s_hi)
+            err = fp_weight * fp + fn_weight * fn
+            if err < best_err:
+                best, best_err = (b, r), err
+    return best
+
+
+def estimated_jaccard(sigs: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    return (sigs[i] == sigs[j]).mean(axis=1)
+
+
+def candidate_pairs(sigs: np.ndarray, bands: int, rows: int, star_above: int = 64) -> np.ndarray:
+    """Pairs (i < j) that share at least one LSH band bucket, as an int64 array [k, 2].
+
+    Buckets up to `star_above` members give all their pairs; larger ones link each member to the first,
+    which keeps connectivity for clustering without a quadratic blow-up on degenerate inputs.
+    """
+    found = []
+    for band in range(bands):
+        cols = sigs[:, band * rows : (band + 1) * rows].astype(np.uint64)
+        key = np.full(len(sigs), np.uint64(band), dtype=np.uint64)
+        for c in range(cols.shape[1]):
+            key = _splitmix64(key ^ cols[:, c])
+        order = np.argsort(key, kind="stable")
+        sorted_keys = key[order]
+        boundaries = np.flatnonzero(np.diff(sorted_keys)) + 1
+        starts = np.concatenate(([0], boundaries))
+        sizes = np.diff(np.concatenate((starts, [len(sorted_keys)])))
+        pairs_of_two = starts[sizes == 2]
+        if len(pairs_of_two):
+            found.append(np.stack([order[pairs_of_two], order[pairs_of_two + 1]], axis=1))
+        for s, n in zip(starts[sizes > 2], sizes[sizes > 2]):
+            members = np.sort(order[s : s + n])
+            if n <= star_above:
+                i, j = np.triu_indices(n, k=1)
+                found.append(np.stack([members[i], members[j]], axis=1))
+            else:
+                found.append(np.stack([np.full(n - 1, members[0]), members[1:]], axis=1))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    pairs = np.sort(np.concatenate(found).astype(np.int64), axis=1)
+    return np.unique(pairs, axis=0)
+
+
+def cluster(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Connected components over `pairs`; each item's label is the smallest index in its component."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if len(pairs) == 0:
+        return np.arange(n)
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    first = np.full(labels.max() + 1, n, dtype=np.int64)
+    np.minimum.at(first, labels, np.arange(n))
+    return first[labels]
+
+
+def near_duplicate_representatives(
+    sigs: np.ndarray, threshold: float, bands: int, rows: int, eligible: np.ndarray | None = None
+) -> np.ndarray:
+    """For every item, the index of its cluster's representative (the earliest member; itself if unique).
+
+    Candidate pairs from LSH are verified by estimated Jaccard >= threshold before they join a cluster.
+    Items not `eligible` (for example texts without words) are their own representative.
+    """
+    n = len(sigs)
+    pairs = candidate_pairs(sigs, bands, rows)
+    if eligible is not None and len(pairs):
+        pairs = pairs[eligible[pairs[:, 0]] & eligible[pairs[:, 1]]]
+    if len(pairs):
+        pairs = pairs[estimated_jaccard(sigs, pairs[:, 0], pairs[:, 1]) >= threshold]
+    return cluster(n, pairs)

@@ -1,0 +1,161 @@
+"""The per-sample provenance record: its Arrow type, its JSON Schema check, and how it starts.
+
+`schemas/provenance.schema.json` is the contract; `PROVENANCE_TYPE` is the same shape as an Arrow struct so
+that manifests are queryable column by column (DuckDB: `provenance.generation.batch_id`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+
+from synthforge.errors import BadInput
+from synthforge.resources import schema_path
+
+CHECK_TYPE = pa.struct(
+    [
+        ("name", pa.string()),
+        ("verdict", pa.string()),
+        ("score", pa.float64()),
+        ("reason", pa.string()),
+        ("raw_output", pa.string()),
+        ("parsed", pa.bool_()),
+    ]
+)
+
+PROVENANCE_TYPE = pa.struct(
+    [
+        ("sample_id", pa.string()),
+        ("synthforge_version", pa.string()),
+        ("run_id", pa.string()),
+        ("source", pa.struct([("uri", pa.string()), ("record_id", pa.string()), ("row", pa.int64())])),
+        (
+            "generation",
+            pa.struct(
+                [
+                    ("method", pa.string()),
+                    ("model", pa.string()),
+                    ("model_revision", pa.string()),
+                    ("adapter_hash", pa.string()),
+                    ("prompt_template_id", pa.string()),
+                    ("prompt_version", pa.string()),
+                    ("prompt_hash", pa.string()),
+                    ("seed", pa.int64()),
+                    ("params", pa.string()),
+                    ("batch_id", pa.string()),
+                    ("parent_ids", pa.list_(pa.string())),
+                    ("created_at", pa.string()),
+                ]
+            ),
+        ),
+        ("judge", pa.struct([("verdict", pa.string()), ("checks", pa.list_(CHECK_TYPE))])),
+        (
+            "dedup",
+            pa.struct(
+                [
+                    ("exact_hash", pa.string()),
+                    ("cluster_id", pa.string()),
+                    ("representative_id", pa.string()),
+                    ("is_representative", pa.bool_()),
+                    ("method", pa.string()),
+                    ("similarity", pa.float64()),
+                ]
+            ),
+        ),
+        ("tags", pa.list_(pa.string())),
+        ("difficulty", pa.string()),
+        ("difficulty_rule", pa.string()),
+        ("difficulty_features", pa.string()),
+        ("split", pa.string()),
+        ("stages", pa.list_(pa.struct([("stage", pa.string()), ("fingerprint", pa.string())]))),
+    ]
+)
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_hex(data: str | bytes) -> str:
+    return hashlib.sha256(data.encode("utf-8") if isinstance(data, str) else data).hexdigest()
+
+
+def make_sample_id(origin: dict[str, Any], content: dict[str, Any]) -> str:
+    """Stable id from where a sample came from and what it says; never reassigned downstream."""
+    return sha256_hex(canonical_json({"origin": origin, "content": content}))[:24]
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def new_record(
+    *,
+    sample_id: str,
+    run_id: str,
+    source: dict[str, Any],
+    method: str,
+    model: str,
+    batch_id: str,
+    seed: int | None = None,
+    params: dict[str, Any] | None = None,
+    prompt_template_id: str | None = None,
+    prompt_version: str | None = None,
+    prompt_hash: str | None = None,
+    parent_ids: list[str] | None = None,
+    model_revision: str | None = None,
+    adapter_hash: str | None = None,
+) -> dict[str, Any]:
+    from synthforge import __version__
+
+    return {
+        "sample_id": sample_id,
+        "synthforge_version": __version__,
+        "run_id": run_id,
+        "source": {"uri": source["uri"], "record_id": source.get("record_id"), "row": source.get("row")},
+        "generation": {
+            "method": method,
+            "model": model,
+            "model_revision": model_revision,
+            "adapter_hash": adapter_hash,
+            "prompt_template_id": prompt_template_id,
+            "prompt_version": prompt_version,
+            "prompt_hash": prompt_hash,
+            "seed": seed,
+            "params": canonical_json(params or {}),
+            "batch_id": batch_id,
+            "parent_ids": list(parent_ids or []),
+            "created_at": now_iso(),
+        },
+        "judge": None,
+        "dedup": None,
+        "tags": [],
+        "difficulty": None,
+        "difficulty_rule": None,
+        "difficulty_features": None,
+        "split": None,
+        "stages": [],
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def _validator():
+    import jsonschema
+
+    schema = json.loads(schema_path("provenance.schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+
+
+def validate_record(record: dict[str, Any], where: str) -> None:
+    """Raise BadInput naming `where` (file and row) and the offending field if the record breaks the schema."""
+    errors = sorted(_validator().iter_errors(record), key=lambda e: list(e.absolute_path))
+    if errors:
+        from synthforge.params import key_path
+
+        err = errors[0]
+        raise BadInput(f"{where}: provenance.{key_path(err.absolute_path)}: {err.message}")

@@ -1,0 +1,330 @@
+"""The stage directory, the one contract between stages (see DESIGN.md).
+
+    data/<stage>/samples/part-*.parquet   kept samples: content columns + provenance
+    data/<stage>/rejected/part-*.parquet  dropped samples: same columns + rejected_by, reason
+    data/<stage>/manifest.parquet         one row per sample that entered: id, kept, provenance
+    data/<stage>/stats.json               counts and metrics
+    data/<stage>/stage.json               fingerprint
+
+A stage writes into a hidden temporary directory beside its output and renames it into place only when
+everything is written, so a crash leaves the previous output (or nothing) and never half a stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from synthforge.errors import BadInput
+from synthforge.provenance import PROVENANCE_TYPE, canonical_json, now_iso, sha256_hex, validate_record
+
+SHARD_ROWS = 50_000
+DEFAULT_BATCH_ROWS = 4_096
+_LIBRARIES = ("pyarrow", "jinja2", "jsonschema", "numpy", "datasketch")
+
+Row = dict[str, Any]
+
+
+def manifest_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            ("sample_id", pa.string()),
+            ("stage", pa.string()),
+            ("kept", pa.bool_()),
+            ("rejected_by", pa.string()),
+            ("reason", pa.string()),
+            ("provenance", PROVENANCE_TYPE),
+        ]
+    )
+
+
+def with_provenance(content_schema: pa.Schema) -> pa.Schema:
+    """Content columns, then sample_id and provenance (replacing any stale definition of either)."""
+    fields = [f for f in content_schema if f.name not in ("sample_id", "provenance", "rejected_by", "reason")]
+    return pa.schema([pa.field("sample_id", pa.string()), *fields, pa.field("provenance", PROVENANCE_TYPE)])
+
+
+def _rejected_schema(schema: pa.Schema) -> pa.Schema:
+    return schema.append(pa.field("rejected_by", pa.string())).append(pa.field("reason", pa.string()))
+
+
+def _library_versions() -> dict[str, str]:
+    out = {}
+    for name in _LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def code_revision() -> str | None:
+    """The git commit of the synthforge checkout, when running from one."""
+    here = Path(__file__).resolve().parent.parent
+    if not (here / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def stage_fingerprint(stage: str, params: Any, inputs: dict[str, str]) -> dict[str, Any]:
+    """What determines a stage's output: its params, its inputs' fingerprints, code and library versions.
+
+    Timestamps and paths are deliberately left out so the same work gets the same fingerprint.
+    """
+    from synthforge import __version__
+
+    basis = {
+        "stage": stage,
+        "params": params,
+        "inputs": dict(sorted(inputs.items())),
+        "synthforge_version": __version__,
+        "libraries": _library_versions(),
+    }
+    return {**basis, "params_hash": sha256_hex(canonical_json(params)), "fingerprint": sha256_hex(canonical_json(basis))}
+
+
+@dataclass
+class StageInput:
+    """A finished stage directory, read as record batches of Python rows."""
+
+    path: Path
+    info: dict[str, Any]
+    schema: pa.Schema
+
+    @classmethod
+    def open(cls, path: str | Path) -> StageInput:
+        path = Path(path)
+        if not path.is_dir():
+            raise BadInput(f"{path}: input stage directory does not exist (run the stage that writes it first)")
+        for required in ("stage.json", "manifest.parquet", "samples"):
+            if not (path / required).exists():
+                raise BadInput(f"{path}: not a stage directory: {required} is missing (was the stage interrupted?)")
+        try:
+            info = json.loads((path / "stage.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"{path / 'stage.json'}: not valid JSON: {exc}") from None
+        shards = sorted((path / "samples").glob("*.parquet"))
+        schema = pq.read_schema(shards[0]) if shards else with_provenance(pa.schema([]))
+        return cls(path=path, info=info, schema=schema)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info["fingerprint"]
+
+    @property
+    def stage(self) -> str:
+        return self.info["stage"]
+
+    def shards(self, kind: str = "samples") -> list[Path]:
+        return sorted((self.path / kind).glob("*.parquet"))
+
+    def count(self, kind: str = "samples") -> int:
+        return sum(pq.ParquetFile(s).metadata.num_rows for s in self.shards(kind))
+
+    def iter_rows(self, batch_rows: int = DEFAULT_BATCH_ROWS, kind: str = "samples") -> Iterator[list[Row]]:
+        for shard in self.shards(kind):
+            pf = pq.ParquetFile(shard)
+            for batch in pf.iter_batches(batch_size=batch_rows):
+                yield batch.to_pylist()
+
+
+class _ShardWriter:
+    """Appends rows to `dir/part-NNNNN.parquet`, starting a new shard every SHARD_ROWS rows."""
+
+    def __init__(self, directory: Path, schema: pa.Schema):
+        self.directory, self.schema = directory, schema
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._writer: pq.ParquetWriter | None = None
+        self._in_shard = 0
+        self._shard = 0
+        self.rows = 0
+
+    def write(self, rows: list[Row]) -> None:
+        while rows:
+            if self._writer is None:
+                path = self.directory / f"part-{self._shard:05d}.parquet"
+                self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+            take = rows[: SHARD_ROWS - self._in_shard]
+            rows = rows[len(take) :]
+            self._writer.write_table(pa.Table.from_pylist(take, schema=self.schema))
+            self._in_shard += len(take)
+            self.rows += len(take)
+            if self._in_shard >= SHARD_ROWS:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer, self._in_shard, self._shard = None, 0, self._shard + 1
+
+    def close(self) -> None:
+        self._close_shard()
+
+
+class StageWriter:
+    """Writes one stage directory atomically. Use as a context manager; `write` kept and rejected rows.
+
+    Every row gets this stage's fingerprint appended to `provenance.stages`, and its provenance is validated
+    against the schema before the manifest row is written.
+    """
+
+    def __init__(self, out: str | Path, stage: str, content_schema: pa.Schema, fingerprint: dict[str, Any]):
+        self.out = Path(out)
+        self.stage = stage
+        self.fingerprint = fingerprint
+        self.schema = with_provenance(content_schema)
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.rejected_by: Counter[str] = Counter()
+        self.entered = 0
+        self.metrics: dict[str, Any] = {}
+        self._seen: set[str] = set()
+
+    def __enter__(self) -> StageWriter:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        self._samples = _ShardWriter(self.tmp / "samples", self.schema)
+        self._rejected = _ShardWriter(self.tmp / "rejected", _rejected_schema(self.schema))
+        self._manifest = pq.ParquetWriter(self.tmp / "manifest.parquet", manifest_schema(), compression="zstd")
+        return self
+
+    def write(self, kept: Iterable[Row], rejected: Iterable[Row] = ()) -> None:
+        stamp = {"stage": self.stage, "fingerprint": self.fingerprint["fingerprint"]}
+        kept, rejected = list(kept), list(rejected)
+        manifest = []
+        for row, is_kept in [(r, True) for r in kept] + [(r, False) for r in rejected]:
+            sid = row["sample_id"]
+            if sid in self._seen:  # every sample leaves exactly once
+                raise BadInput(f"{self.stage}: sample {sid} was emitted twice; sample ids must be unique")
+            self._seen.add(sid)
+            prov = row["provenance"]
+            prov["stages"] = [*prov.get("stages", []), stamp]
+            validate_record(prov, f"{self.out / 'manifest.parquet'} (sample {sid})")
+            if not is_kept:
+                if not row.get("rejected_by") or not row.get("reason"):
+                    raise ValueError(f"rejected sample {sid} lacks rejected_by/reason")
+                self.rejected_by[row["rejected_by"]] += 1
+            manifest.append(
+                {
+                    "sample_id": sid,
+                    "stage": self.stage,
+                    "kept": is_kept,
+                    "rejected_by": None if is_kept else row["rejected_by"],
+                    "reason": None if is_kept else row["reason"],
+                    "provenance": prov,
+                }
+            )
+        self._samples.write(kept)
+        self._rejected.write(rejected)
+        if manifest:
+            self._manifest.write_table(pa.Table.from_pylist(manifest, schema=manifest_schema()))
+        self.entered += len(manifest)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._samples.close()
+        self._rejected.close()
+        self._manifest.close()
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        stats = {
+            "stage": self.stage,
+            "entered": self.entered,
+            "kept": self._samples.rows,
+            "rejected": self._rejected.rows,
+            "rejected_by": dict(sorted(self.rejected_by.items())),
+            **self.metrics,
+        }
+        (self.tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        info = {**self.fingerprint, "code_revision": code_revision(), "finished_at": now_iso()}
+        (self.tmp / "stage.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        _swap_into_place(self.tmp, self.out)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return json.loads((self.out / "stats.json").read_text())
+
+
+def _swap_into_place(new: Path, out: Path) -> None:
+    """Replace `out` by `new` with renames only; the old output survives until the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(new, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class Stage(Protocol):
+    """A stage over record batches. Stages with a global step (dedup, split) observe every batch first."""
+
+    name: str
+    needs_reduce: bool
+
+    def observe(self, rows: list[Row]) -> None: ...
+
+    def finalize(self) -> None: ...
+
+    def apply(self, rows: list[Row]) -> tuple[list[Row], list[Row]]: ...
+
+    def metrics(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class StageBase:
+    """Defaults for stages that map batch by batch."""
+
+    name: str = ""
+    needs_reduce: bool = False
+    _metrics: dict[str, Any] = field(default_factory=dict)
+
+    def observe(self, rows: list[Row]) -> None:
+        pass
+
+    def finalize(self) -> None:
+        pass
+
+    def metrics(self) -> dict[str, Any]:
+        return self._metrics
+
+
+def reject(row: Row, by: str, reason: str) -> Row:
+    return {**row, "rejected_by": by, "reason": reason}
+
+
+def run_stage(stage: Stage, source: StageInput, out: str | Path, params: Any, batch_rows: int = DEFAULT_BATCH_ROWS) -> dict:
+    """Run a stage over an input stage directory and write its own; returns its stats."""
+    from synthforge.progress import progress_bar
+
+    fingerprint = stage_fingerprint(stage.name, params, {source.stage: source.fingerprint})
+    total = source.count()
+    if stage.needs_reduce:
+        with progress_bar(f"{stage.name}: scan", total) as advance:
+            for rows in source.iter_rows(batch_rows):
+                stage.observe(rows)
+                advance(len(rows))
+        stage.finalize()
+    with StageWriter(out, stage.name, source.schema, fingerprint) as writer:
+        with progress_bar(stage.name, total) as advance:
+            for rows in source.iter_rows(batch_rows):
+                kept, rejected = stage.apply(rows)
+                writer.write(kept, rejected)
+                advance(len(rows))
+        writer.metrics = stage.metrics()
+    return writer.stats

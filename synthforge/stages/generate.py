@@ -1,0 +1,252 @@
+"""generate: template expansion and adversarial variants from bundled sources and versioned prompts.
+
+Methods are named in `params.yaml: generate.methods` and run in order; a method may derive samples from what
+the earlier ones produced (adversarial variants take template samples as parents).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from synthforge.errors import BadInput
+from synthforge.params import parse_options
+from synthforge.plugins import resolve
+from synthforge.provenance import make_sample_id, new_record
+from synthforge.sources import PromptTemplate, SourceRecord, file_digest, load_prompts, load_sources
+from synthforge.stagedir import StageWriter, stage_fingerprint
+
+CONTENT_SCHEMA = pa.schema(
+    [
+        ("prompt", pa.string()),
+        ("reference", pa.string()),
+        ("label", pa.string()),
+        ("constraints", pa.list_(pa.string())),
+        ("locale", pa.string()),
+    ]
+)
+
+Row = dict[str, Any]
+
+
+@dataclass
+class GenerateContext:
+    sources: list[SourceRecord]
+    prompts: dict[str, PromptTemplate]
+    seed: int
+    run_id: str
+    fingerprint: str
+    batch_size: int
+    params_file: str
+    _batches: itertools.count = field(default_factory=itertools.count)
+
+    def batch_ids(self, method: str, rows: list[Row]) -> Iterator[tuple[str, list[Row]]]:
+        """Cut a method's output into generation batches; each gets an id unique to this stage's work."""
+        for start in range(0, len(rows), self.batch_size):
+            yield f"{self.fingerprint[:8]}-{method}-{next(self._batches):04d}", rows[start : start + self.batch_size]
+
+
+def _jinja_env():
+    from jinja2 import Undefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    class VisiblyMissing(Undefined):
+        """A variable the source record lacks renders as a marker the judge's banned patterns catch."""
+
+        def __str__(self) -> str:
+            return f"<<missing:{self._undefined_name}>>"
+
+    return SandboxedEnvironment(undefined=VisiblyMissing, autoescape=False, keep_trailing_newline=False)
+
+
+@dataclass
+class TemplateOptions:
+    templates: list[str] | None = None  # template ids; None = every template with a `message`
+    max_constraints: int = 3
+    variants_per_record: int = 6
+
+
+class TemplateExpansion:
+    """Source record x template x a seeded choice of constraint subsets -> prompt + expected JSON answer."""
+
+    name = "template"
+    Options = TemplateOptions
+
+    def __init__(self, options: TemplateOptions):
+        self.options = options
+
+    def generate(self, ctx: GenerateContext, previous: list[Row]) -> list[Row]:
+        import jinja2
+
+        env = _jinja_env()
+        templates = self._templates(ctx)
+        rng = random.Random(ctx.seed)
+        rows = []
+        for tpl in templates:
+            tpl.require("instruction", "message", "label", "fields")
+            pool = list(tpl.body.get("constraints", []))
+            subsets = [
+                c for k in range(min(self.options.max_constraints, len(pool)) + 1) for c in itertools.combinations(range(len(pool)), k)
+            ]
+            for src in ctx.sources:
+                chosen = sorted(rng.sample(subsets, min(self.options.variants_per_record, len(subsets))))
+                variables = src.record
+                message = env.from_string(tpl.body["message"]).render(variables)
+                instruction = env.from_string(tpl.body["instruction"]).render(variables)
+                reference = {f: str(env.from_string("{{ " + f + " }}").render(variables)) for f in tpl.body["fields"]}
+                for subset in chosen:
+                    constraints = [env.from_string(pool[i]).render(variables) for i in subset]
+                    prompt = instruction
+                    if constraints:
+                        prompt += "\n" + "\n".join(f"- {c}" for c in constraints)
+                    prompt += f"\n\nCustomer message:\n{message}"
+                    content = {
+                        "prompt": prompt,
+                        "reference": json.dumps(reference, ensure_ascii=False),
+                        "label": str(tpl.body["label"]),
+                        "constraints": constraints,
+                        "locale": str(variables.get("locale", "")),
+                    }
+                    origin = {"method": self.name, "template": tpl.id, "version": tpl.version, "record": src.id, "constraints": subset}
+                    rows.append(
+                        (
+                            content,
+                            origin,
+                            src,
+                            tpl,
+                            {"constraint_ids": list(subset), "max_constraints": self.options.max_constraints},
+                        )
+                    )
+        out = []
+        for batch_id, batch in ctx.batch_ids(self.name, rows):
+            for content, origin, src, tpl, gen_params in batch:
+                sid = make_sample_id(origin, content)
+                prov = new_record(
+                    sample_id=sid,
+                    run_id=ctx.run_id,
+                    source={"uri": src.uri, "record_id": src.id, "row": src.line - 1},
+                    method=self.name,
+                    model="jinja2-template-engine",
+                    model_revision=jinja2.__version__,
+                    batch_id=batch_id,
+                    seed=ctx.seed,
+                    params=gen_params,
+                    prompt_template_id=tpl.id,
+                    prompt_version=tpl.version,
+                    prompt_hash=tpl.hash,
+                )
+                out.append({"sample_id": sid, **content, "provenance": prov})
+        return out
+
+    def _templates(self, ctx: GenerateContext) -> list[PromptTemplate]:
+        if self.options.templates is None:
+            return [t for t in ctx.prompts.values() if "message" in t.body]
+        missing = [t for t in self.options.templates if t not in ctx.prompts]
+        if missing:
+            raise BadInput(f"{ctx.params_file}: generate.methods: unknown template id(s) {missing} (have: {sorted(ctx.prompts)})")
+        return [ctx.prompts[t] for t in self.options.templates]
+
+
+@dataclass
+class AdversarialOptions:
+    payloads: str = "adversarial-payloads"  # id of the prompt file holding the payload lists
+    kinds: list[str] = field(default_factory=lambda: ["injection", "format_breaking"])
+    rate: float = 0.3  # fraction of earlier samples that get an adversarial variant
+
+
+class AdversarialVariants:
+    """Plant an injection or a format-breaking payload into the customer message of an earlier sample.
+
+    The expected answer stays the same: the variant tests whether a model ignores the payload. The parent's
+    id goes into `parent_ids`, so tracing a bad parent finds its adversarial descendants too.
+    """
+
+    name = "adversarial"
+    Options = AdversarialOptions
+
+    def __init__(self, options: AdversarialOptions):
+        self.options = options
+
+    def generate(self, ctx: GenerateContext, previous: list[Row]) -> list[Row]:
+        if self.options.payloads not in ctx.prompts:
+            raise BadInput(f"{ctx.params_file}: generate.methods: adversarial payload file {self.options.payloads!r} not found in prompts")
+        tpl = ctx.prompts[self.options.payloads]
+        tpl.require(*self.options.kinds)
+        rng = random.Random(ctx.seed + 1)
+        parents = [r for r in previous if rng.random() < self.options.rate]
+        planned = []
+        for parent in parents:
+            kind = self.options.kinds[rng.randrange(len(self.options.kinds))]
+            index = rng.randrange(len(tpl.body[kind]))
+            payload = tpl.body[kind][index]
+            # Payload goes inside the customer message, where untrusted text would really arrive.
+            content = {**{k: parent[k] for k in CONTENT_SCHEMA.names}, "prompt": f"{parent['prompt']} {payload}"}
+            origin = {"method": self.name, "parent": parent["sample_id"], "kind": kind, "payload": index, "version": tpl.version}
+            planned.append((content, origin, parent, {"kind": kind, "payload_index": index, "rate": self.options.rate}))
+        out = []
+        for batch_id, batch in ctx.batch_ids(self.name, planned):
+            for content, origin, parent, gen_params in batch:
+                sid = make_sample_id(origin, content)
+                prov = new_record(
+                    sample_id=sid,
+                    run_id=ctx.run_id,
+                    source=parent["provenance"]["source"],
+                    method=self.name,
+                    model="jinja2-template-engine",
+                    model_revision=parent["provenance"]["generation"]["model_revision"],
+                    batch_id=batch_id,
+                    seed=ctx.seed,
+                    params=gen_params,
+                    prompt_template_id=tpl.id,
+                    prompt_version=tpl.version,
+                    prompt_hash=tpl.hash,
+                    parent_ids=[parent["sample_id"]],
+                )
+                prov["tags"] = [f"adversarial:{gen_params['kind']}"]
+                out.append({"sample_id": sid, **content, "provenance": prov})
+        return out
+
+
+GENERATORS: dict[str, type] = {g.name: g for g in (TemplateExpansion, AdversarialVariants)}
+
+
+def run_generate(params: dict[str, Any], out: str | Path, sources: str | None = None) -> dict[str, Any]:
+    section = params["generate"]
+    params_file = params.get("__file__", "params.yaml")
+    methods = []
+    for i, spec in enumerate(section["methods"]):
+        where = f"generate.methods[{i}]"
+        cls = resolve("generators", spec["name"], GENERATORS, where, params_file)
+        methods.append(cls(parse_options(cls.Options, spec, where, params_file)))
+    sources_path = sources or section["sources"]
+    records = load_sources(sources_path)
+    prompts = load_prompts(section["prompts"])
+    inputs = {"sources": file_digest(sources_path), **{f"prompt:{p.id}": p.hash for p in prompts.values()}}
+    fingerprint = stage_fingerprint("generate", {"generate": {**section, "sources": None}, "seed": params["seed"]}, inputs)
+    ctx = GenerateContext(
+        sources=records,
+        prompts=prompts,
+        seed=int(params["seed"]),
+        run_id=uuid.uuid4().hex[:12],
+        fingerprint=fingerprint["fingerprint"],
+        batch_size=int(section.get("batch_size", 256)),
+        params_file=params_file,
+    )
+    produced: list[Row] = []
+    per_method = {}
+    for method in methods:
+        rows = method.generate(ctx, produced)
+        per_method[method.name] = len(rows)
+        produced.extend(rows)
+    with StageWriter(out, "generate", CONTENT_SCHEMA, fingerprint) as writer:
+        writer.write(produced)
+        writer.metrics = {"by_method": per_method, "sources": len(records), "prompt_templates": len(prompts)}
+    return writer.stats
