@@ -1,0 +1,105 @@
+"""The dataset card (README.md with Hub YAML) of a published version."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import yaml
+
+
+def size_category(n: int) -> str:
+    for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < bound:
+            return label
+    return "1M<n<10M"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_card(
+    *,
+    name: str,
+    version: str,
+    description: str,
+    license: str | None,
+    schema: pa.Schema,
+    split_files: dict[str, list[str]],
+    split_counts: dict[str, int],
+    split_bytes: dict[str, int],
+    provenance_rows: list[dict[str, Any]],
+    stage_stats: list[dict[str, Any]],
+    stage_info: list[dict[str, Any]],
+    registry_hint: str,
+) -> str:
+    from datasets import DatasetInfo, Features, SplitDict, SplitInfo
+
+    splits = SplitDict()
+    for split, count in split_counts.items():
+        splits.add(SplitInfo(name=split, num_examples=count, num_bytes=split_bytes[split]))
+    info = DatasetInfo(features=Features.from_arrow_schema(schema), splits=splits)
+    total = sum(split_counts.values())
+    meta = {
+        "pretty_name": name,
+        "license": license,
+        "tags": ["synthetic", "synthforge", "provenance"],
+        "size_categories": [size_category(total)],
+        "source_datasets": ["original"],
+        "configs": [{"config_name": "default", "data_files": [{"split": s, "path": f} for s, f in split_files.items()]}],
+        "dataset_info": info._to_yaml_dict(),
+    }
+    meta = {k: v for k, v in meta.items() if v is not None}
+
+    by_split_difficulty = Counter((p["split"], p["difficulty"]) for p in provenance_rows)
+    levels = ["easy", "medium", "hard", "adversarial"]
+    generators = Counter(
+        (p["generation"]["method"], p["generation"]["model"], p["generation"]["prompt_template_id"], p["generation"]["prompt_version"])
+        for p in provenance_rows
+    )
+    body = [
+        f"# {name} {version}",
+        "",
+        description,
+        "",
+        "Made with [synthforge](https://github.com/synthforge): every sample carries its provenance (source, generator, "
+        "prompt version, judge verdicts, dedup cluster, difficulty, split) in the `provenance` column and in "
+        "`provenance/manifest.parquet`.",
+        "",
+        "## Splits",
+        "",
+        _table(["split", "samples", *levels], [[s, split_counts[s], *(by_split_difficulty[(s, lv)] for lv in levels)] for s in split_counts]),
+        "",
+        "## How it was made",
+        "",
+        _table(
+            ["stage", "entered", "kept", "rejected", "rejected by"],
+            [
+                [s["stage"], s["entered"], s["kept"], s["rejected"], ", ".join(f"{k}: {v}" for k, v in s["rejected_by"].items()) or "-"]
+                for s in stage_stats
+            ],
+        ),
+        "",
+        "## Generators and prompt versions",
+        "",
+        _table(["method", "model", "prompt template", "prompt version", "samples"], [[*k, v] for k, v in sorted(generators.items(), key=str)]),
+        "",
+        "## Lineage",
+        "",
+        _table(["stage", "fingerprint", "params hash"], [[i["stage"], f"`{i['fingerprint'][:16]}`", f"`{i['params_hash'][:16]}`"] for i in stage_info]),
+        "",
+        "The full pipeline (dvc.yaml, params, dvc.lock, fingerprints) is in `synthforge.json`.",
+        "",
+        "## Load this exact version",
+        "",
+        "```python",
+        "import synthforge",
+        f'ds = synthforge.load("{name}", version="{version}"{registry_hint})',
+        "```",
+        "",
+    ]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body)
