@@ -13,7 +13,7 @@ import hashlib
 import re
 import unicodedata
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -148,17 +148,25 @@ def cluster(n: int, pairs: np.ndarray) -> np.ndarray:
 
 
 def near_duplicate_representatives(
-    sigs: np.ndarray, threshold: float, bands: int, rows: int, eligible: np.ndarray | None = None
+    sigs: np.ndarray,
+    threshold: float,
+    bands: int,
+    rows: int,
+    eligible: np.ndarray | None = None,
+    exempt_pair: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """For every item, the index of its cluster's representative (the earliest member; itself if unique).
 
     Candidate pairs from LSH are verified by estimated Jaccard >= threshold before they join a cluster.
-    Items not `eligible` (for example texts without words) are their own representative.
+    Items not `eligible` (for example texts without words) are their own representative; `exempt_pair(i, j)`
+    returns a mask of candidate pairs that must not be linked (a variant and the sample it was derived from).
     """
     n = len(sigs)
     pairs = candidate_pairs(sigs, bands, rows)
     if eligible is not None and len(pairs):
         pairs = pairs[eligible[pairs[:, 0]] & eligible[pairs[:, 1]]]
+    if exempt_pair is not None and len(pairs):
+        pairs = pairs[~exempt_pair(pairs[:, 0], pairs[:, 1])]
     if len(pairs):
         pairs = pairs[estimated_jaccard(sigs, pairs[:, 0], pairs[:, 1]) >= threshold]
     return cluster(n, pairs)

@@ -23,6 +23,8 @@ class DedupStage(StageBase):
         self.exact = section.get("exact", True)
         near = section.get("near")
         self.near = near
+        # A variant made on purpose from a parent (an adversarial payload) is not a duplicate of that parent.
+        self.exempt_methods = set(section.get("variant_methods", []))
         if near:
             self.hasher = MinHasher(num_perm=near.get("num_perm", 128), ngram=near.get("ngram", 3))
             self.threshold = near["threshold"]
@@ -32,13 +34,18 @@ class DedupStage(StageBase):
         self._hashes: list[str] = []
         self._sigs: list[np.ndarray] = []
         self._has_words: list[np.ndarray] = []
+        self._variant_of: dict[int, set[str]] = {}
 
     def text(self, row: Row) -> str:
         return "\n".join(str(row.get(f) or "") for f in self.fields)
 
     def observe(self, rows: list[Row]) -> None:
         texts = [self.text(r) for r in rows]
-        self._ids.extend(r["sample_id"] for r in rows)
+        for r in rows:
+            gen = r["provenance"]["generation"]
+            if gen["method"] in self.exempt_methods and gen["parent_ids"]:
+                self._variant_of[len(self._ids)] = set(gen["parent_ids"])
+            self._ids.append(r["sample_id"])
         self._hashes.extend(exact_hash(t) for t in texts)
         if self.near:
             sigs, has_words = self.hasher.signatures(texts)
@@ -58,7 +65,9 @@ class DedupStage(StageBase):
             self.sigs = np.concatenate(self._sigs)
             # Only exact-unique texts take part in near-dup clustering; their exact copies follow them.
             eligible = np.concatenate(self._has_words) & (exact_rep == np.arange(n))
-            near_rep = near_duplicate_representatives(self.sigs, self.threshold, self.bands, self.rows, eligible)
+            near_rep = near_duplicate_representatives(
+                self.sigs, self.threshold, self.bands, self.rows, eligible, self._is_variant_pair if self._variant_of else None
+            )
             rep = near_rep[exact_rep]
         self.rep = rep
         n_clusters = len(np.unique(rep)) if n else 0
@@ -68,6 +77,12 @@ class DedupStage(StageBase):
             "near_duplicates": int(((rep != np.arange(n)) & (exact_rep == np.arange(n))).sum()),
             "minhash": {"bands": self.bands, "rows": self.rows, "threshold": self.threshold} if self.near else None,
         }
+
+    def _is_variant_pair(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        def derived(a: int, b: int) -> bool:
+            return self._ids[b] in self._variant_of.get(a, ()) or self._ids[a] in self._variant_of.get(b, ())
+
+        return np.fromiter((derived(a, b) for a, b in zip(i.tolist(), j.tolist())), dtype=bool, count=len(i))
 
     def apply(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
         kept, rejected = [], []

@@ -1,0 +1,3 @@
+from synthforge.cli import main
+
+main()

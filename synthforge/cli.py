@@ -1,0 +1,188 @@
+"""The `synthforge` command line. Commands are thin: each parses options and calls the library.
+
+Heavy imports (pyarrow, datasets, duckdb) happen inside the commands so that `synthforge --help` is fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from synthforge.errors import SynthforgeError
+
+app = typer.Typer(
+    help="Versioned synthetic datasets with per-sample provenance.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml of the pipeline.")]
+InOpt = Annotated[Path, typer.Option("--in", help="Input stage directory.")]
+RegistryOpt = Annotated[
+    Optional[str], typer.Option("--registry", help="Registry folder (default: $SYNTHFORGE_REGISTRY, params.yaml, ./registry).")
+]
+
+
+def _params(path: Path) -> dict:
+    from synthforge.params import load_params
+
+    return load_params(path)
+
+
+def _report(stats: dict, out: Path) -> None:
+    rejected = ", ".join(f"{k}: {v}" for k, v in stats["rejected_by"].items()) or "none"
+    typer.echo(f"{stats['stage']}: {stats['entered']} in, {stats['kept']} kept, {stats['rejected']} rejected ({rejected}) -> {out}")
+
+
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Option("--out", help="Output stage directory.")] = Path("data/generated"),
+    params: ParamsOpt = Path("params.yaml"),
+    sources: Annotated[Optional[str], typer.Option("--in", help="Source records (default: params generate.sources).")] = None,
+):
+    """Generate samples from source records and versioned prompt templates."""
+    from synthforge.stages.generate import run_generate
+
+    _report(run_generate(_params(params), out, sources), out)
+
+
+@app.command()
+def judge(src: InOpt = Path("data/generated"), out: Annotated[Path, typer.Option("--out")] = Path("data/judged"), params: ParamsOpt = Path("params.yaml")):
+    """Run every judge check; failures go to rejected/ with the check and its reason."""
+    from synthforge.stages.judge import run_judge
+
+    _report(run_judge(_params(params), src, out), out)
+
+
+@app.command()
+def dedup(src: InOpt = Path("data/judged"), out: Annotated[Path, typer.Option("--out")] = Path("data/deduped"), params: ParamsOpt = Path("params.yaml")):
+    """Exact and near-duplicate (MinHash LSH) dedup, recording cluster and representative."""
+    from synthforge.stages.dedup import run_dedup
+
+    _report(run_dedup(_params(params), src, out), out)
+
+
+@app.command()
+def tag(src: InOpt = Path("data/deduped"), out: Annotated[Path, typer.Option("--out")] = Path("data/tagged"), params: ParamsOpt = Path("params.yaml")):
+    """Tag difficulty (easy / medium / hard / adversarial) with the rule that fired."""
+    from synthforge.stages.tag import run_tag
+
+    _report(run_tag(_params(params), src, out), out)
+
+
+@app.command()
+def split(src: InOpt = Path("data/tagged"), out: Annotated[Path, typer.Option("--out")] = Path("data/split"), params: ParamsOpt = Path("params.yaml")):
+    """Deterministic split grouped by source and stratified by difficulty, with a leakage check."""
+    from synthforge.stages.split import run_split
+
+    _report(run_split(_params(params), src, out), out)
+
+
+@app.command()
+def ingest(
+    file: Annotated[Path, typer.Argument(help="JSONL, CSV, Parquet file or a Hugging Face dataset folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Output stage directory.")],
+    text_field: Annotated[list[str], typer.Option("--text-field", help="A text column to keep (repeatable).")],
+    label_field: Annotated[Optional[str], typer.Option("--label-field", help="Column holding the label.")] = None,
+    model: Annotated[str, typer.Option("--model", help="The model that made these samples, if known.")] = "unknown",
+    batch_id: Annotated[Optional[str], typer.Option("--batch-id", help="Batch id to record (default: from the file hash).")] = None,
+):
+    """Turn samples made elsewhere into a stage directory with provenance (method `imported`)."""
+    from synthforge.stages.ingest import run_ingest
+
+    _report(run_ingest(file, out, text_field, label_field, model, batch_id), out)
+
+
+@app.command()
+def publish(
+    name: Annotated[Optional[str], typer.Option("--name", help="Dataset name (default: params publish.name).")] = None,
+    version: Annotated[Optional[str], typer.Option("--version", help="Semantic version, e.g. 1.0.0.")] = None,
+    data: Annotated[Path, typer.Option("--data", help="The split stage directory.")] = Path("data/split"),
+    params: ParamsOpt = Path("params.yaml"),
+    registry: RegistryOpt = None,
+):
+    """Publish the split stage as an immutable version in the local registry."""
+    from synthforge.project import publish_and_describe
+
+    publish_and_describe(_params(params), data, name, version, registry)
+
+
+@app.command()
+def versions(name: Annotated[Optional[str], typer.Argument(help="Dataset (default: all).")] = None, registry: RegistryOpt = None):
+    """List datasets and their versions with counts and dates."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from synthforge.registry import Registry, resolve_registry
+
+    reg = Registry(resolve_registry(registry, _optional_params()))
+    table = Table("dataset", "version", "published", "samples", "splits", "commit")
+    for dataset in [name] if name else reg.names():
+        for v in reg.versions(dataset):
+            splits = ", ".join(f"{s} {n}" for s, n in v.counts.items())
+            table.add_row(dataset, v.version, v.date, str(v.total), splits, v.commit[:10])
+    if not table.rows:
+        typer.echo(f"no published datasets in {reg.root}")
+        return
+    Console().print(table)
+
+
+@app.command()
+def trace(
+    batch: Annotated[Optional[str], typer.Option("--batch", help="A generation batch id.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="A generation model.")] = None,
+    prompt_version: Annotated[Optional[str], typer.Option("--prompt-version", help="VERSION or TEMPLATE_ID@VERSION.")] = None,
+    sample: Annotated[Optional[str], typer.Option("--sample", help="A sample id (or a unique prefix).")] = None,
+    data: Annotated[Path, typer.Option("--data", help="Folder of stage directories.")] = Path("data"),
+    registry: RegistryOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+):
+    """Which samples came from a batch/model/prompt version, what became of each, which versions hold them."""
+    from synthforge.project import print_trace
+    from synthforge.registry import resolve_registry
+    from synthforge.trace import trace as run_trace
+
+    result = run_trace(
+        data, resolve_registry(registry, _optional_params()), batch=batch, model=model, prompt_version=prompt_version, sample=sample
+    )
+    if as_json:
+        typer.echo(result.to_json())
+    else:
+        print_trace(result)
+
+
+@app.command()
+def init(directory: Annotated[Path, typer.Argument(help="New project folder.")]):
+    """Scaffold a project: git + DVC (analytics off), dvc.yaml, params.yaml, schemas/, sample sources."""
+    from synthforge.project import init_project
+
+    init_project(directory)
+    typer.echo(f"initialised {directory}: cd {directory} && dvc repro && synthforge publish")
+
+
+@app.command()
+def demo(project: Annotated[Path, typer.Option("--project", help="Project folder.")] = Path(".")):
+    """The main job: `dvc repro` of the pipeline, publish the version in params.yaml, print a summary."""
+    from synthforge.project import run_demo
+
+    run_demo(project)
+
+
+def _optional_params() -> dict | None:
+    return _params(Path("params.yaml")) if Path("params.yaml").exists() else None
+
+
+def main() -> None:
+    try:
+        app()
+    except SynthforgeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Project-level work: scaffold a project, run the main job, and the human-readable summaries."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from synthforge.errors import BadInput, SynthforgeError
+from synthforge.gitutil import git
+from synthforge.resources import RECIPE_FILES, recipe_dir
+
+PROJECT_GITIGNORE = "/registry/\n.venv/\n__pycache__/\n"
+
+
+def _dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run DVC from this interpreter's environment; `synthforge` stage commands must be on its PATH."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env)
+
+
+def init_project(directory: str | Path) -> Path:
+    target = Path(directory)
+    if target.exists() and any(target.iterdir()):
+        raise BadInput(f"{target}: folder exists and is not empty")
+    target.mkdir(parents=True, exist_ok=True)
+    source = recipe_dir()
+    for name in RECIPE_FILES:
+        src = source / name
+        if src.is_dir():
+            shutil.copytree(src, target / name)
+        else:
+            shutil.copy2(src, target / name)
+    (target / ".gitignore").write_text(PROJECT_GITIGNORE)
+    git("init", "--quiet", "--initial-branch=main", cwd=target)
+    for args in (("init", "--quiet"), ("config", "core.analytics", "false")):
+        if _dvc(*args, cwd=target).returncode != 0:
+            raise SynthforgeError(f"{target}: dvc {' '.join(args)} failed")
+    git("add", "-A", cwd=target)
+    git("commit", "--quiet", "-m", "synthforge project scaffold", cwd=target)
+    return target
+
+
+def stage_stats(data_dir: Path) -> list[dict[str, Any]]:
+    """stats.json of every stage directory, in pipeline order (by input fingerprints)."""
+    from synthforge.trace import _stage_manifests
+
+    ordered = sorted(_stage_manifests(data_dir), key=lambda s: s[2])
+    return [json.loads((path.parent / "stats.json").read_text()) for path, _, _ in ordered]
+
+
+def publish_and_describe(params: dict, data: Path, name: str | None, version: str | None, registry: str | None, project: Path = Path(".")):
+    from synthforge.registry import Registry, resolve_registry
+
+    section = params.get("publish") or {}
+    name = name or section.get("name")
+    version = version or section.get("version")
+    if not name or not version:
+        raise BadInput(f"{params.get('__file__', 'params.yaml')}: give --name and --version (or publish.name / publish.version)")
+    reg = Registry(resolve_registry(registry, params, project))
+    result = reg.publish(data, name, version, params, project)
+    info = result.info
+    if result.already_published:
+        print(f"{name} v{info.version} is already published with this exact content (commit {info.commit[:10]}); nothing to do.")
+    else:
+        counts = ", ".join(f"{s}: {n}" for s, n in info.counts.items())
+        print(f"published {name} v{info.version} ({counts}) -> {result.repo} (tag v{info.version}, commit {info.commit[:10]})")
+    hint = "" if reg.root.resolve() == (project / "registry").resolve() else f', registry="{reg.root}"'
+    print(f'load it with: synthforge.load("{name}", version="{info.version}"{hint})')
+    return result
+
+
+def run_demo(project: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from synthforge.params import load_params
+
+    project = project.resolve()
+    params = load_params(project / "params.yaml")  # fail on a bad params file before DVC starts
+    print(f"$ dvc repro  (in {project})", flush=True)
+    if _dvc("repro", cwd=project).returncode != 0:
+        raise SynthforgeError("dvc repro failed (see its output above)")
+    table = Table("stage", "entered", "kept", "rejected", "rejected by", title="pipeline")
+    for s in stage_stats(project / "data"):
+        table.add_row(s["stage"], str(s["entered"]), str(s["kept"]), str(s["rejected"]), ", ".join(f"{k} {v}" for k, v in s["rejected_by"].items()) or "-")
+    Console().print(table)
+    publish_and_describe(params, project / "data" / "split", None, None, None, project)
+
+
+def print_trace(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    query = ", ".join(f"{k}={v}" for k, v in result.query.items())
+    if not result.samples:
+        console.print(f"no samples match {query}")
+        return
+    matches = sum(s.relation == "match" for s in result.samples)
+    kept = sum(bool(s.kept) for s in result.samples)
+    console.print(
+        f"{query}: {matches} samples, {len(result.samples) - matches} descendants; "
+        f"{kept} kept, {sum(s.kept is False for s in result.samples)} rejected"
+    )
+    table = Table("sample", "relation", "batch", "method", "prompt", "fate", "reason", "published in")
+    for s in result.samples:
+        table.add_row(s.sample_id, s.relation, s.batch_id, s.method, s.prompt or "-", s.fate, s.reason or "-", "; ".join(s.published) or "-")
+    console.print(table)
+    if result.versions:
+        versions = Table("published version", "split", "samples", title="versions holding these samples")
+        for version, splits in result.versions.items():
+            for split, n in splits.items():
+                versions.add_row(version, split, str(n))
+        console.print(versions)
+    else:
+        console.print("no published version holds any of them")
