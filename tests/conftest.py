@@ -1,0 +1,95 @@
+"""Shared fixtures: one scaffolded project whose pipeline runs once per session."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+STAGES = ["generated", "judged", "deduped", "tagged", "split"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Load caches and registries never touch the user's home."""
+    old = {k: os.environ.get(k) for k in ("SYNTHFORGE_CACHE", "SYNTHFORGE_REGISTRY", "HF_DATASETS_CACHE", "DVC_NO_ANALYTICS")}
+    os.environ["SYNTHFORGE_CACHE"] = str(tmp_path_factory.mktemp("sfcache"))
+    os.environ["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("hfcache"))
+    os.environ["DVC_NO_ANALYTICS"] = "1"
+    os.environ.pop("SYNTHFORGE_REGISTRY", None)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def run_pipeline(project: Path, params_file: str = "params.yaml", data: str = "data") -> dict[str, dict]:
+    """Run the five stages through the library, as `dvc repro` would through the CLI."""
+    from synthforge.params import load_params
+    from synthforge.stages.dedup import run_dedup
+    from synthforge.stages.generate import run_generate
+    from synthforge.stages.judge import run_judge
+    from synthforge.stages.split import run_split
+    from synthforge.stages.tag import run_tag
+
+    with contextlib.chdir(project):
+        p = load_params(params_file)
+        d = Path(data)
+        return {
+            "generate": run_generate(p, d / "generated"),
+            "judge": run_judge(p, d / "generated", d / "judged"),
+            "dedup": run_dedup(p, d / "judged", d / "deduped"),
+            "tag": run_tag(p, d / "deduped", d / "tagged"),
+            "split": run_split(p, d / "tagged", d / "split"),
+        }
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> Path:
+    """A project made by `synthforge init`, with its pipeline run once. Tests must not modify it."""
+    from synthforge.project import init_project
+
+    root = init_project(tmp_path_factory.mktemp("proj") / "evalset")
+    run_pipeline(root)
+    return root
+
+
+@pytest.fixture
+def fresh_project(tmp_path) -> Path:
+    """A scaffolded project of the test's own (pipeline not run)."""
+    from synthforge.project import init_project
+
+    return init_project(tmp_path / "evalset")
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real command line in a subprocess: exit codes and stderr as a user sees them."""
+    bin_dir = str(Path(sys.executable).parent)
+    full_env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "synthforge", *args], cwd=cwd, env=full_env, capture_output=True, text=True)
+
+
+def read_manifest(stage_dir: Path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(stage_dir / "manifest.parquet").to_pylist()
+
+
+def read_rows(stage_dir: Path, kind: str = "samples") -> list[dict]:
+    import pyarrow.parquet as pq
+
+    rows = []
+    for shard in sorted((stage_dir / kind).glob("*.parquet")):
+        rows += pq.read_table(shard).to_pylist()
+    return rows
+
+
+def tree_digest(path: Path) -> dict[str, bytes]:
+    """Every file's bytes under path: to prove that a failed command changed nothing."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and ".git" not in p.parts}
