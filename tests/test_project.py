@@ -1,0 +1,59 @@
+"""The project as a user meets it: init, dvc repro, the demo, the command line's start-up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import cli
+
+
+def _dvc(*args, cwd):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_help_does_not_import_the_heavy_libraries():
+    code = "import sys, synthforge.cli; print(sorted(m for m in ('pyarrow', 'datasets', 'duckdb', 'torch', 'jsonschema', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert cli("--help").returncode == 0
+
+
+def test_init_scaffolds_a_git_and_dvc_project(fresh_project):
+    for name in ("dvc.yaml", "params.yaml", "schemas/provenance.schema.json", "schemas/params.schema.json", "sources", "prompts", ".dvc/config"):
+        assert (fresh_project / name).exists(), name
+    assert "analytics = false" in (fresh_project / ".dvc" / "config").read_text()
+    log = subprocess.run(["git", "log", "--oneline"], cwd=fresh_project, capture_output=True, text=True, check=True).stdout
+    assert len(log.splitlines()) == 1
+    refused = cli("init", str(fresh_project))
+    assert refused.returncode == 2 and "not empty" in refused.stderr
+
+
+def test_dvc_repro_reruns_only_what_changed_and_the_demo_publishes_once(fresh_project):
+    first = _dvc("repro", cwd=fresh_project)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert all(f"Running stage '{s}'" in first.stdout for s in ("generate", "judge", "dedup", "tag", "split"))
+
+    second = _dvc("repro", cwd=fresh_project)
+    assert "Running stage" not in second.stdout and second.stdout.count("didn't change") == 5
+
+    params = fresh_project / "params.yaml"
+    params.write_text(params.read_text().replace("max_chars: 900", "max_chars: 400"))
+    third = _dvc("repro", cwd=fresh_project)
+    assert third.returncode == 0, third.stdout + third.stderr
+    ran = [s for s in ("generate", "judge", "dedup", "tag", "split") if f"Running stage '{s}'" in third.stdout]
+    assert ran == ["judge", "dedup", "tag", "split"]
+    assert "judge.length" in (fresh_project / "data" / "judged" / "stats.json").read_text()
+
+    demo = cli("demo", cwd=fresh_project)
+    assert demo.returncode == 0, demo.stderr
+    assert "published synth-extraction-eval v1.0.0" in demo.stdout and "synthforge.load(" in demo.stdout
+    for stage in ("generate", "judge", "dedup", "tag", "split"):
+        assert stage in demo.stdout
+    again = cli("demo", cwd=fresh_project)
+    assert again.returncode == 0, again.stderr
+    assert "already published" in again.stdout and "v1.0.0" in again.stdout
+    assert (fresh_project / "registry" / "synth-extraction-eval.git").is_dir()
