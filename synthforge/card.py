@@ -58,7 +58,12 @@ def render_card(
     by_split_difficulty = Counter((p["split"], p["difficulty"]) for p in provenance_rows)
     levels = ["easy", "medium", "hard", "adversarial"]
     generators = Counter(
-        (p["generation"]["method"], p["generation"]["model"], p["generation"]["prompt_template_id"], p["generation"]["prompt_version"])
+        (
+            p["generation"]["method"],
+            p["generation"]["model"],
+            p["generation"]["prompt_template_id"],
+            p["generation"]["prompt_version"],
+        )
         for p in provenance_rows
     )
     body = [
@@ -72,25 +77,40 @@ def render_card(
         "",
         "## Splits",
         "",
-        _table(["split", "samples", *levels], [[s, split_counts[s], *(by_split_difficulty[(s, lv)] for lv in levels)] for s in split_counts]),
+        _table(
+            ["split", "samples", *levels],
+            [[s, split_counts[s], *(by_split_difficulty[(s, lv)] for lv in levels)] for s in split_counts],
+        ),
         "",
         "## How it was made",
         "",
         _table(
             ["stage", "entered", "kept", "rejected", "rejected by"],
             [
-                [s["stage"], s["entered"], s["kept"], s["rejected"], ", ".join(f"{k}: {v}" for k, v in s["rejected_by"].items()) or "-"]
+                [
+                    s["stage"],
+                    s["entered"],
+                    s["kept"],
+                    s["rejected"],
+                    ", ".join(f"{k}: {v}" for k, v in s["rejected_by"].items()) or "-",
+                ]
                 for s in stage_stats
             ],
         ),
         "",
         "## Generators and prompt versions",
         "",
-        _table(["method", "model", "prompt template", "prompt version", "samples"], [[*k, v] for k, v in sorted(generators.items(), key=str)]),
+        _table(
+            ["method", "model", "prompt template", "prompt version", "samples"],
+            [[*k, v] for k, v in sorted(generators.items(), key=str)],
+        ),
         "",
         "## Lineage",
         "",
-        _table(["stage", "fingerprint", "params hash"], [[i["stage"], f"`{i['fingerprint'][:16]}`", f"`{i['params_hash'][:16]}`"] for i in stage_info]),
+        _table(
+            ["stage", "fingerprint", "params hash"],
+            [[i["stage"], f"`{i['fingerprint'][:16]}`", f"`{i['params_hash'][:16]}`"] for i in stage_info],
+        ),
         "",
         "The full pipeline (dvc.yaml, params, dvc.lock, fingerprints) is in `synthforge.json`.",
         "",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -23,7 +23,7 @@ app = typer.Typer(
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml of the pipeline.")]
 InOpt = Annotated[Path, typer.Option("--in", help="Input stage directory.")]
 RegistryOpt = Annotated[
-    Optional[str], typer.Option("--registry", help="Registry folder (default: $SYNTHFORGE_REGISTRY, params.yaml, ./registry).")
+    str | None, typer.Option("--registry", help="Registry folder (default: $SYNTHFORGE_REGISTRY, params.yaml, ./registry).")
 ]
 
 
@@ -35,14 +35,16 @@ def _params(path: Path) -> dict:
 
 def _report(stats: dict, out: Path) -> None:
     rejected = ", ".join(f"{k}: {v}" for k, v in stats["rejected_by"].items()) or "none"
-    typer.echo(f"{stats['stage']}: {stats['entered']} in, {stats['kept']} kept, {stats['rejected']} rejected ({rejected}) -> {out}")
+    typer.echo(
+        f"{stats['stage']}: {stats['entered']} in, {stats['kept']} kept, {stats['rejected']} rejected ({rejected}) -> {out}"
+    )
 
 
 @app.command()
 def generate(
     out: Annotated[Path, typer.Option("--out", help="Output stage directory.")] = Path("data/generated"),
     params: ParamsOpt = Path("params.yaml"),
-    sources: Annotated[Optional[str], typer.Option("--in", help="Source records (default: params generate.sources).")] = None,
+    sources: Annotated[str | None, typer.Option("--in", help="Source records (default: params generate.sources).")] = None,
 ):
     """Generate samples from source records and versioned prompt templates."""
     from synthforge.stages.generate import run_generate
@@ -51,7 +53,11 @@ def generate(
 
 
 @app.command()
-def judge(src: InOpt = Path("data/generated"), out: Annotated[Path, typer.Option("--out")] = Path("data/judged"), params: ParamsOpt = Path("params.yaml")):
+def judge(
+    src: InOpt = Path("data/generated"),
+    out: Annotated[Path, typer.Option("--out")] = Path("data/judged"),
+    params: ParamsOpt = Path("params.yaml"),
+):
     """Run every judge check; failures go to rejected/ with the check and its reason."""
     from synthforge.stages.judge import run_judge
 
@@ -59,7 +65,11 @@ def judge(src: InOpt = Path("data/generated"), out: Annotated[Path, typer.Option
 
 
 @app.command()
-def dedup(src: InOpt = Path("data/judged"), out: Annotated[Path, typer.Option("--out")] = Path("data/deduped"), params: ParamsOpt = Path("params.yaml")):
+def dedup(
+    src: InOpt = Path("data/judged"),
+    out: Annotated[Path, typer.Option("--out")] = Path("data/deduped"),
+    params: ParamsOpt = Path("params.yaml"),
+):
     """Exact and near-duplicate (MinHash LSH) dedup, recording cluster and representative."""
     from synthforge.stages.dedup import run_dedup
 
@@ -67,7 +77,11 @@ def dedup(src: InOpt = Path("data/judged"), out: Annotated[Path, typer.Option("-
 
 
 @app.command()
-def tag(src: InOpt = Path("data/deduped"), out: Annotated[Path, typer.Option("--out")] = Path("data/tagged"), params: ParamsOpt = Path("params.yaml")):
+def tag(
+    src: InOpt = Path("data/deduped"),
+    out: Annotated[Path, typer.Option("--out")] = Path("data/tagged"),
+    params: ParamsOpt = Path("params.yaml"),
+):
     """Tag difficulty (easy / medium / hard / adversarial) with the rule that fired."""
     from synthforge.stages.tag import run_tag
 
@@ -75,7 +89,11 @@ def tag(src: InOpt = Path("data/deduped"), out: Annotated[Path, typer.Option("--
 
 
 @app.command()
-def split(src: InOpt = Path("data/tagged"), out: Annotated[Path, typer.Option("--out")] = Path("data/split"), params: ParamsOpt = Path("params.yaml")):
+def split(
+    src: InOpt = Path("data/tagged"),
+    out: Annotated[Path, typer.Option("--out")] = Path("data/split"),
+    params: ParamsOpt = Path("params.yaml"),
+):
     """Deterministic split grouped by source and stratified by difficulty, with a leakage check."""
     from synthforge.stages.split import run_split
 
@@ -87,9 +105,9 @@ def ingest(
     file: Annotated[Path, typer.Argument(help="JSONL, CSV, Parquet file or a Hugging Face dataset folder.")],
     out: Annotated[Path, typer.Option("--out", help="Output stage directory.")],
     text_field: Annotated[list[str], typer.Option("--text-field", help="A text column to keep (repeatable).")],
-    label_field: Annotated[Optional[str], typer.Option("--label-field", help="Column holding the label.")] = None,
+    label_field: Annotated[str | None, typer.Option("--label-field", help="Column holding the label.")] = None,
     model: Annotated[str, typer.Option("--model", help="The model that made these samples, if known.")] = "unknown",
-    batch_id: Annotated[Optional[str], typer.Option("--batch-id", help="Batch id to record (default: from the file hash).")] = None,
+    batch_id: Annotated[str | None, typer.Option("--batch-id", help="Batch id to record (default: from the file hash).")] = None,
 ):
     """Turn samples made elsewhere into a stage directory with provenance (method `imported`)."""
     from synthforge.stages.ingest import run_ingest
@@ -99,8 +117,8 @@ def ingest(
 
 @app.command()
 def publish(
-    name: Annotated[Optional[str], typer.Option("--name", help="Dataset name (default: params publish.name).")] = None,
-    version: Annotated[Optional[str], typer.Option("--version", help="Semantic version, e.g. 1.0.0.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Dataset name (default: params publish.name).")] = None,
+    version: Annotated[str | None, typer.Option("--version", help="Semantic version, e.g. 1.0.0.")] = None,
     data: Annotated[Path, typer.Option("--data", help="The split stage directory.")] = Path("data/split"),
     params: ParamsOpt = Path("params.yaml"),
     registry: RegistryOpt = None,
@@ -112,7 +130,7 @@ def publish(
 
 
 @app.command()
-def versions(name: Annotated[Optional[str], typer.Argument(help="Dataset (default: all).")] = None, registry: RegistryOpt = None):
+def versions(name: Annotated[str | None, typer.Argument(help="Dataset (default: all).")] = None, registry: RegistryOpt = None):
     """List datasets and their versions with counts and dates."""
     from rich.console import Console
     from rich.table import Table
@@ -133,10 +151,10 @@ def versions(name: Annotated[Optional[str], typer.Argument(help="Dataset (defaul
 
 @app.command()
 def trace(
-    batch: Annotated[Optional[str], typer.Option("--batch", help="A generation batch id.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="A generation model.")] = None,
-    prompt_version: Annotated[Optional[str], typer.Option("--prompt-version", help="VERSION or TEMPLATE_ID@VERSION.")] = None,
-    sample: Annotated[Optional[str], typer.Option("--sample", help="A sample id (or a unique prefix).")] = None,
+    batch: Annotated[str | None, typer.Option("--batch", help="A generation batch id.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="A generation model.")] = None,
+    prompt_version: Annotated[str | None, typer.Option("--prompt-version", help="VERSION or TEMPLATE_ID@VERSION.")] = None,
+    sample: Annotated[str | None, typer.Option("--sample", help="A sample id (or a unique prefix).")] = None,
     data: Annotated[Path, typer.Option("--data", help="Folder of stage directories.")] = Path("data"),
     registry: RegistryOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
@@ -147,7 +165,12 @@ def trace(
     from synthforge.trace import trace as run_trace
 
     result = run_trace(
-        data, resolve_registry(registry, _optional_params()), batch=batch, model=model, prompt_version=prompt_version, sample=sample
+        data,
+        resolve_registry(registry, _optional_params()),
+        batch=batch,
+        model=model,
+        prompt_version=prompt_version,
+        sample=sample,
     )
     if as_json:
         typer.echo(result.to_json())

@@ -15,7 +15,9 @@ class GitError(SynthforgeError):
     pass
 
 
-def git(*args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None, check: bool = True, input: bytes | None = None) -> str:
+def git(
+    *args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None, check: bool = True, input: bytes | None = None
+) -> str:
     full_env = {**os.environ, **(env or {})}
     for key, value in IDENTITY.items():  # a registry commit needs an identity even on a bare CI machine
         full_env.setdefault(key, value)

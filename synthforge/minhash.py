@@ -120,7 +120,7 @@ def candidate_pairs(sigs: np.ndarray, bands: int, rows: int, star_above: int = 6
         pairs_of_two = starts[sizes == 2]
         if len(pairs_of_two):
             found.append(np.stack([order[pairs_of_two], order[pairs_of_two + 1]], axis=1))
-        for s, n in zip(starts[sizes > 2], sizes[sizes > 2]):
+        for s, n in zip(starts[sizes > 2], sizes[sizes > 2], strict=True):
             members = np.sort(order[s : s + n])
             if n <= star_above:
                 i, j = np.triu_indices(n, k=1)

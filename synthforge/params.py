@@ -24,7 +24,7 @@ def key_path(parts) -> str:
     return out or "(top level)"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _params_validator():
     import jsonschema
 

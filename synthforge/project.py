@@ -19,7 +19,11 @@ PROJECT_GITIGNORE = "/registry/\n.venv/\n__pycache__/\n"
 
 def _dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run DVC from this interpreter's environment; `synthforge` stage commands must be on its PATH."""
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env)
 
 
@@ -53,7 +57,9 @@ def stage_stats(data_dir: Path) -> list[dict[str, Any]]:
     return [json.loads((path.parent / "stats.json").read_text()) for path, _, _ in ordered]
 
 
-def publish_and_describe(params: dict, data: Path, name: str | None, version: str | None, registry: str | None, project: Path = Path(".")):
+def publish_and_describe(
+    params: dict, data: Path, name: str | None, version: str | None, registry: str | None, project: Path = Path(".")
+):
     from synthforge.registry import Registry, resolve_registry
 
     section = params.get("publish") or {}
@@ -87,7 +93,13 @@ def run_demo(project: Path) -> None:
         raise SynthforgeError("dvc repro failed (see its output above)")
     table = Table("stage", "entered", "kept", "rejected", "rejected by", title="pipeline")
     for s in stage_stats(project / "data"):
-        table.add_row(s["stage"], str(s["entered"]), str(s["kept"]), str(s["rejected"]), ", ".join(f"{k} {v}" for k, v in s["rejected_by"].items()) or "-")
+        table.add_row(
+            s["stage"],
+            str(s["entered"]),
+            str(s["kept"]),
+            str(s["rejected"]),
+            ", ".join(f"{k} {v}" for k, v in s["rejected_by"].items()) or "-",
+        )
     Console().print(table)
     publish_and_describe(params, project / "data" / "split", None, None, None, project)
 
@@ -109,7 +121,9 @@ def print_trace(result) -> None:
     )
     table = Table("sample", "relation", "batch", "method", "prompt", "fate", "reason", "published in")
     for s in result.samples:
-        table.add_row(s.sample_id, s.relation, s.batch_id, s.method, s.prompt or "-", s.fate, s.reason or "-", "; ".join(s.published) or "-")
+        table.add_row(
+            s.sample_id, s.relation, s.batch_id, s.method, s.prompt or "-", s.fate, s.reason or "-", "; ".join(s.published) or "-"
+        )
     console.print(table)
     if result.versions:
         versions = Table("published version", "split", "samples", title="versions holding these samples")

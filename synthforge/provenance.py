@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -91,7 +91,7 @@ def make_sample_id(origin: dict[str, Any], content: dict[str, Any]) -> str:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def new_record(
@@ -143,7 +143,7 @@ def new_record(
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _validator():
     import jsonschema
 

@@ -29,12 +29,15 @@ import pyarrow.parquet as pq
 
 from synthforge.errors import BadInput, SynthforgeError, VersionExists
 from synthforge.gitutil import GitError, git
-from synthforge.provenance import canonical_json, now_iso, sha256_hex
+from synthforge.provenance import PROVENANCE_TYPE, canonical_json, now_iso, sha256_hex
 from synthforge.stagedir import StageInput, code_revision
 
 SEMVER = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SHARD_ROWS = 100_000
+VERSION_MANIFEST_SCHEMA = pa.schema(
+    [("sample_id", pa.string()), ("split", pa.string()), ("content_hash", pa.string()), ("provenance", PROVENANCE_TYPE)]
+)
 
 
 def normalize_version(version: str) -> str:
@@ -106,7 +109,13 @@ class Registry:
         repo = self.repo(name)
         if not (repo / "HEAD").exists():
             raise BadInput(f"no dataset {name!r} in registry {self.root} (have: {', '.join(self.names()) or 'none'})")
-        out = git("--git-dir", str(repo), "for-each-ref", "--format=%(refname:short)\t%(taggerdate:iso-strict)\t%(*objectname)", "refs/tags")
+        out = git(
+            "--git-dir",
+            str(repo),
+            "for-each-ref",
+            "--format=%(refname:short)\t%(taggerdate:iso-strict)\t%(*objectname)",
+            "refs/tags",
+        )
         infos = []
         for line in filter(None, out.splitlines()):
             tag, date, commit = line.split("\t")
@@ -131,7 +140,9 @@ class Registry:
             return target
         tmp = target.parent / f".{commit}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
-        archive = subprocess.run(["git", "--git-dir", str(self.repo(name)), "archive", "--format=tar", commit], capture_output=True, check=True)
+        archive = subprocess.run(
+            ["git", "--git-dir", str(self.repo(name)), "archive", "--format=tar", commit], capture_output=True, check=True
+        )
         subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive.stdout, check=True)
         try:
             os.replace(tmp, target)
@@ -221,10 +232,12 @@ def _lineage(source: StageInput) -> list[StageInput]:
         chain.append(parents[0])
 
 
-def _build_version_tree(source: StageInput, tree: Path, name: str, version: str, params: dict, project: Path, registry: Path) -> dict:
+def _build_version_tree(
+    source: StageInput, tree: Path, name: str, version: str, params: dict, project: Path, registry: Path
+) -> dict:
     from synthforge.card import render_card
-    from synthforge.stages.split import check_leakage, group_key
     from synthforge.minhash import exact_hash
+    from synthforge.stages.split import check_leakage, group_key
 
     (tree / "data").mkdir(parents=True)
     (tree / "provenance").mkdir()
@@ -239,9 +252,16 @@ def _build_version_tree(source: StageInput, tree: Path, name: str, version: str,
         raise BadInput(f"{source.path}: no samples to publish")
     order = list((params.get("split") or {}).get("ratios") or {})
     by_split = dict(sorted(by_split.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
-    text_fields = (params.get("dedup") or {}).get("fields") or [f.name for f in source.schema if pa.types.is_string(f.type) and f.name != "sample_id"]
+    text_fields = (params.get("dedup") or {}).get("fields") or [
+        f.name for f in source.schema if pa.types.is_string(f.type) and f.name != "sample_id"
+    ]
     check_leakage(
-        (r["sample_id"], s, group_key(r, (params.get("split") or {}).get("group_by", "source")), exact_hash("\n".join(str(r.get(f) or "") for f in text_fields)))
+        (
+            r["sample_id"],
+            s,
+            group_key(r, (params.get("split") or {}).get("group_by", "source")),
+            exact_hash("\n".join(str(r.get(f) or "") for f in text_fields)),
+        )
         for s, rows in by_split.items()
         for r in rows
     )
@@ -252,13 +272,20 @@ def _build_version_tree(source: StageInput, tree: Path, name: str, version: str,
         split_bytes[split] = 0
         for k in range(n_shards):
             path = tree / "data" / f"{split}-{k:05d}-of-{n_shards:05d}.parquet"
-            pq.write_table(pa.Table.from_pylist(rows[k * SHARD_ROWS : (k + 1) * SHARD_ROWS], schema=source.schema), path, compression="zstd")
+            pq.write_table(
+                pa.Table.from_pylist(rows[k * SHARD_ROWS : (k + 1) * SHARD_ROWS], schema=source.schema), path, compression="zstd"
+            )
             split_bytes[split] += path.stat().st_size
-        manifest += [{"sample_id": r["sample_id"], "split": split, "content_hash": content_hash(r), "provenance": r["provenance"]} for r in rows]
+        manifest += [
+            {"sample_id": r["sample_id"], "split": split, "content_hash": content_hash(r), "provenance": r["provenance"]}
+            for r in rows
+        ]
     manifest_schema = pa.schema(
         [("sample_id", pa.string()), ("split", pa.string()), ("content_hash", pa.string()), source.schema.field("provenance")]
     )
-    pq.write_table(pa.Table.from_pylist(manifest, schema=manifest_schema), tree / "provenance" / "manifest.parquet", compression="zstd")
+    pq.write_table(
+        pa.Table.from_pylist(manifest, schema=manifest_schema), tree / "provenance" / "manifest.parquet", compression="zstd"
+    )
     counts = {s: len(rows) for s, rows in by_split.items()}
     fingerprint = sha256_hex(canonical_json(sorted((m["sample_id"], m["split"], m["content_hash"]) for m in manifest)))
     lineage = _lineage(source)
@@ -275,7 +302,11 @@ def _build_version_tree(source: StageInput, tree: Path, name: str, version: str,
         "code_revision": code_revision(),
         "lineage": [s.info for s in lineage],
         "stats": stats,
-        "pipeline": {"dvc.yaml": read("dvc.yaml"), "dvc.lock": read("dvc.lock"), "params": {k: v for k, v in params.items() if k != "__file__"}},
+        "pipeline": {
+            "dvc.yaml": read("dvc.yaml"),
+            "dvc.lock": read("dvc.lock"),
+            "params": {k: v for k, v in params.items() if k != "__file__"},
+        },
     }
     (tree / "synthforge.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     hint = "" if registry.resolve() == (project / "registry").resolve() else f', registry="{registry}"'

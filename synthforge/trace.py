@@ -11,8 +11,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+
 from synthforge.errors import BadInput
-from synthforge.registry import Registry
+from synthforge.registry import VERSION_MANIFEST_SCHEMA, Registry
+from synthforge.stagedir import manifest_schema
 
 
 @dataclass
@@ -48,7 +51,9 @@ class TraceResult:
         return out
 
     def to_json(self) -> str:
-        return json.dumps({"query": self.query, "versions": self.versions, "samples": [asdict(s) for s in self.samples]}, indent=2)
+        return json.dumps(
+            {"query": self.query, "versions": self.versions, "samples": [asdict(s) for s in self.samples]}, indent=2
+        )
 
 
 def _stage_manifests(data_dir: Path) -> list[tuple[Path, str, int]]:
@@ -69,6 +74,14 @@ def _stage_manifests(data_dir: Path) -> list[tuple[Path, str, int]]:
         return 1 + max((depth(p, seen | {d}) for p in parents), default=-1)
 
     return [(d / "manifest.parquet", info["stage"], depth(d)) for d, info in infos.items()]
+
+
+def _register(con, view: str, files: list[Path], schema: pa.Schema) -> None:
+    """A view over Parquet files (file names go in as values, never spliced into SQL), or an empty typed table."""
+    if files:
+        con.read_parquet([str(f) for f in files], filename=True).create_view(view)
+    else:
+        con.register(view, schema.append(pa.field("filename", pa.string())).empty_table())
 
 
 def _predicate(batch: str | None, model: str | None, prompt_version: str | None, sample: str | None) -> tuple[str, list]:
@@ -111,14 +124,8 @@ def trace(
     con.executemany("INSERT INTO stage_files VALUES (?, ?, ?)", [(str(p), st, depth) for p, st, depth in stages])
     con.execute("CREATE TABLE version_files(file VARCHAR, label VARCHAR)")
     con.executemany("INSERT INTO version_files VALUES (?, ?)", [(str(p), f"{n} v{v}") for n, v, p in versions])
-    empty_stage = "SELECT NULL::VARCHAR AS sample_id, NULL::VARCHAR AS filename, NULL::BOOLEAN AS kept, NULL::VARCHAR AS rejected_by, NULL::VARCHAR AS reason, NULL AS provenance WHERE false"
-    stage_src = f"read_parquet({[str(p) for p, _, _ in stages]}, filename=true)" if stages else None
-    version_src = f"read_parquet({[str(p) for _, _, p in versions]}, filename=true)" if versions else None
-    con.execute(f"CREATE VIEW sm AS {'SELECT sample_id, filename, kept, rejected_by, reason, provenance FROM ' + stage_src if stage_src else empty_stage}")
-    con.execute(
-        "CREATE VIEW vm AS "
-        + (f"SELECT sample_id, filename, split, provenance FROM {version_src}" if version_src else "SELECT NULL::VARCHAR AS sample_id, NULL::VARCHAR AS filename, NULL::VARCHAR AS split, NULL AS provenance WHERE false")
-    )
+    _register(con, "sm", [p for p, _, _ in stages], manifest_schema())
+    _register(con, "vm", [p for _, _, p in versions], VERSION_MANIFEST_SCHEMA)
     rows = con.execute(
         f"""
         WITH RECURSIVE

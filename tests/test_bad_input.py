@@ -32,7 +32,10 @@ def _assert_refused(result, *fragments):
         (("  exact: true", "  exact: true\n  threshhold: 0.5"), ["params.yaml: dedup: unknown key 'threshhold'"]),
         (("- name: length", "- name: lenght"), ["params.yaml: judge.checks[2].name: unknown check 'lenght'", "length"]),
         (("ratios: {train: 0.7", "ratios: {train: -1"), ["params.yaml: split.ratios.train"]),
-        (("      min_chars: 80", "      min_chars: 80\n      max_words: 3"), ["judge.checks[2].max_words: unknown option for 'length'"]),
+        (
+            ("      min_chars: 80", "      min_chars: 80\n      max_words: 3"),
+            ["judge.checks[2].max_words: unknown option for 'length'"],
+        ),
     ],
 )
 def test_bad_params_are_refused_naming_the_key(workdir, edit, fragments):
@@ -48,7 +51,9 @@ def test_unknown_generation_method_is_refused(workdir):
     params = workdir / "params.yaml"
     params.write_text(params.read_text().replace("- name: adversarial", "- name: paraphrse"))
     before = tree_digest(workdir / "data")
-    _assert_refused(cli("generate", "--out", "data/generated", cwd=workdir), "generate.methods[1].name: unknown generator 'paraphrse'")
+    _assert_refused(
+        cli("generate", "--out", "data/generated", cwd=workdir), "generate.methods[1].name: unknown generator 'paraphrse'"
+    )
     assert tree_digest(workdir / "data") == before
 
 

@@ -16,14 +16,23 @@ def _dvc(*args, cwd):
 
 
 def test_help_does_not_import_the_heavy_libraries():
-    code = "import sys, synthforge.cli; print(sorted(m for m in ('pyarrow', 'datasets', 'duckdb', 'torch', 'jsonschema', 'numpy') if m in sys.modules))"
+    heavy = ("pyarrow", "datasets", "duckdb", "torch", "jsonschema", "numpy")
+    code = f"import sys, synthforge.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert cli("--help").returncode == 0
 
 
 def test_init_scaffolds_a_git_and_dvc_project(fresh_project):
-    for name in ("dvc.yaml", "params.yaml", "schemas/provenance.schema.json", "schemas/params.schema.json", "sources", "prompts", ".dvc/config"):
+    for name in (
+        "dvc.yaml",
+        "params.yaml",
+        "schemas/provenance.schema.json",
+        "schemas/params.schema.json",
+        "sources",
+        "prompts",
+        ".dvc/config",
+    ):
         assert (fresh_project / name).exists(), name
     assert "analytics = false" in (fresh_project / ".dvc" / "config").read_text()
     log = subprocess.run(["git", "log", "--oneline"], cwd=fresh_project, capture_output=True, text=True, check=True).stdout

@@ -24,7 +24,9 @@ def published(project, tmp_path_factory):
     v1 = registry.publish(project / "data" / "split", "evalset", "1.0.0", params, project)
     other = tmp_path_factory.mktemp("other") / "proj"
     shutil.copytree(project, other, ignore=shutil.ignore_patterns(".git", ".dvc", "data"))
-    (other / "params.yaml").write_text((other / "params.yaml").read_text().replace("{train: 0.7, validation: 0.15, test: 0.15}", "{train: 0.5, test: 0.5}"))
+    (other / "params.yaml").write_text(
+        (other / "params.yaml").read_text().replace("{train: 0.7, validation: 0.15, test: 0.15}", "{train: 0.5, test: 0.5}")
+    )
     run_pipeline(other)
     v2 = registry.publish(other / "data" / "split", "evalset", "1.1.0", load_params(other / "params.yaml"), other)
     return registry, v1, v2, other
@@ -76,7 +78,9 @@ def test_synthforge_json_records_pipeline_params_and_fingerprints(published, pro
     assert meta["pipeline"]["params"]["dedup"]["near"]["threshold"] == 0.9
     assert meta["pipeline"]["dvc.yaml"] == (project / "dvc.yaml").read_text()
     assert [s["stage"] for s in meta["lineage"]] == ["generate", "judge", "dedup", "tag", "split"]
-    assert meta["lineage"][-1]["fingerprint"] == json.loads((project / "data" / "split" / "stage.json").read_text())["fingerprint"]
+    assert (
+        meta["lineage"][-1]["fingerprint"] == json.loads((project / "data" / "split" / "stage.json").read_text())["fingerprint"]
+    )
 
 
 def test_load_gives_each_version_its_own_rows_in_one_process(published, project):
@@ -86,7 +90,9 @@ def test_load_gives_each_version_its_own_rows_in_one_process(published, project)
     assert set(a) == {"train", "validation", "test"} and set(b) == {"train", "test"}
     expected_test = {r["sample_id"] for r in read_rows(project / "data" / "split") if r["provenance"]["split"] == "test"}
     assert set(a["test"]["sample_id"]) == expected_test
-    assert set(b["test"]["sample_id"]) == {r["sample_id"] for r in read_rows(other / "data" / "split") if r["provenance"]["split"] == "test"}
+    assert set(b["test"]["sample_id"]) == {
+        r["sample_id"] for r in read_rows(other / "data" / "split") if r["provenance"]["split"] == "test"
+    }
     assert set(b["test"]["sample_id"]) != expected_test
     row = a["test"][0]
     assert row["provenance"]["split"] == "test" and row["provenance"]["generation"]["batch_id"]
@@ -154,7 +160,22 @@ def test_a_concurrent_publish_is_detected_not_lost(project, tmp_path, monkeypatc
 
     def racing_git(*args, **kwargs):
         if "update-ref" in args:  # someone else's commit lands on main first
-            real_git("--git-dir", str(first.repo), "update-ref", "refs/heads/main", real_git("--git-dir", str(first.repo), "commit-tree", f"{first.info.commit}^{{tree}}", "-p", first.info.commit, "-m", "other"))
+            real_git(
+                "--git-dir",
+                str(first.repo),
+                "update-ref",
+                "refs/heads/main",
+                real_git(
+                    "--git-dir",
+                    str(first.repo),
+                    "commit-tree",
+                    f"{first.info.commit}^{{tree}}",
+                    "-p",
+                    first.info.commit,
+                    "-m",
+                    "other",
+                ),
+            )
         return real_git(*args, **kwargs)
 
     monkeypatch.setattr(reg_mod, "git", racing_git)

@@ -78,8 +78,9 @@ def test_generation_records_template_version_hash_seed_and_batch(project):
 
 
 def test_generation_is_deterministic_in_its_ids(project, tmp_path):
-    from conftest import run_pipeline  # noqa: F401  (same helper, other output)
     import contextlib
+
+    from conftest import run_pipeline  # noqa: F401  (same helper, other output)
 
     from synthforge.params import load_params
     from synthforge.stages.generate import run_generate
@@ -154,9 +155,9 @@ def test_split_leakage_check_fails_loudly(tmp_path):
     import contextlib
 
     from synthforge.errors import LeakageError
+    from synthforge.stagedir import StageInput, run_stage
     from synthforge.stages.ingest import run_ingest
     from synthforge.stages.split import SplitStage
-    from synthforge.stagedir import StageInput, run_stage
 
     src = tmp_path / "items.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"question number {i % 5}"}) + "\n" for i in range(40)))

@@ -82,7 +82,7 @@ class DedupStage(StageBase):
         def derived(a: int, b: int) -> bool:
             return self._ids[b] in self._variant_of.get(a, ()) or self._ids[a] in self._variant_of.get(b, ())
 
-        return np.fromiter((derived(a, b) for a, b in zip(i.tolist(), j.tolist())), dtype=bool, count=len(i))
+        return np.fromiter((derived(a, b) for a, b in zip(i.tolist(), j.tolist(), strict=True)), dtype=bool, count=len(i))
 
     def apply(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
         kept, rejected = [], []

@@ -94,7 +94,9 @@ class TemplateExpansion:
             tpl.require("instruction", "message", "label", "fields")
             pool = list(tpl.body.get("constraints", []))
             subsets = [
-                c for k in range(min(self.options.max_constraints, len(pool)) + 1) for c in itertools.combinations(range(len(pool)), k)
+                c
+                for k in range(min(self.options.max_constraints, len(pool)) + 1)
+                for c in itertools.combinations(range(len(pool)), k)
             ]
             for src in ctx.sources:
                 chosen = sorted(rng.sample(subsets, min(self.options.variants_per_record, len(subsets))))
@@ -115,7 +117,13 @@ class TemplateExpansion:
                         "constraints": constraints,
                         "locale": str(variables.get("locale", "")),
                     }
-                    origin = {"method": self.name, "template": tpl.id, "version": tpl.version, "record": src.id, "constraints": subset}
+                    origin = {
+                        "method": self.name,
+                        "template": tpl.id,
+                        "version": tpl.version,
+                        "record": src.id,
+                        "constraints": subset,
+                    }
                     rows.append(
                         (
                             content,
@@ -177,7 +185,9 @@ class AdversarialVariants:
 
     def generate(self, ctx: GenerateContext, previous: list[Row]) -> list[Row]:
         if self.options.payloads not in ctx.prompts:
-            raise BadInput(f"{ctx.params_file}: generate.methods: adversarial payload file {self.options.payloads!r} not found in prompts")
+            raise BadInput(
+                f"{ctx.params_file}: generate.methods: adversarial payload file {self.options.payloads!r} not found in prompts"
+            )
         tpl = ctx.prompts[self.options.payloads]
         tpl.require(*self.options.kinds)
         rng = random.Random(ctx.seed + 1)

@@ -19,8 +19,17 @@ from synthforge.plugins import resolve
 from synthforge.stagedir import Row, StageBase, StageInput, reject, run_stage
 
 
-def result(name: str, ok: bool, reason: str | None = None, score: float | None = None, raw: str | None = None, parsed: bool = True) -> dict:
-    return {"name": name, "verdict": "pass" if ok else "fail", "score": score, "reason": reason, "raw_output": raw, "parsed": parsed}
+def result(
+    name: str, ok: bool, reason: str | None = None, score: float | None = None, raw: str | None = None, parsed: bool = True
+) -> dict:
+    return {
+        "name": name,
+        "verdict": "pass" if ok else "fail",
+        "score": score,
+        "reason": reason,
+        "raw_output": raw,
+        "parsed": parsed,
+    }
 
 
 @dataclass
@@ -105,7 +114,9 @@ class LengthCheck:
     def check(self, row: Row) -> dict:
         n = len(row.get(self.o.field) or "")
         if n < self.o.min_chars:
-            return result(self.name, False, f"{self.o.field} has {n} characters, fewer than min_chars={self.o.min_chars}", score=n)
+            return result(
+                self.name, False, f"{self.o.field} has {n} characters, fewer than min_chars={self.o.min_chars}", score=n
+            )
         if self.o.max_chars is not None and n > self.o.max_chars:
             return result(self.name, False, f"{self.o.field} has {n} characters, more than max_chars={self.o.max_chars}", score=n)
         return result(self.name, True, score=n)
@@ -139,7 +150,9 @@ class BannedPatternsCheck:
                 m = pattern.search(text)
                 if m:
                     context = text[max(0, m.start() - 20) : m.end() + 20].replace("\n", " ")
-                    return result(self.name, False, f"banned pattern {pattern.pattern!r} in {key} at char {m.start()}: …{context}…")
+                    return result(
+                        self.name, False, f"banned pattern {pattern.pattern!r} in {key} at char {m.start()}: …{context}…"
+                    )
         return result(self.name, True)
 
 

@@ -29,7 +29,9 @@ class TagStage(StageBase):
         self.hard_words = section.get("hard_min_words", 150)
         self.medium_words = section.get("medium_min_words", 80)
         markers = section.get("ambiguity_markers", DEFAULT_AMBIGUITY_MARKERS)
-        self.markers = [(m, re.compile(r"(?<!\w)" + re.escape(m) + r"(?!\w)" if m[-1].isalnum() else re.escape(m), re.I)) for m in markers]
+        self.markers = [
+            (m, re.compile(r"(?<!\w)" + re.escape(m) + r"(?!\w)" if m[-1].isalnum() else re.escape(m), re.I)) for m in markers
+        ]
         self._metrics = {"difficulty": {d: 0 for d in ("easy", "medium", "hard", "adversarial")}}
 
     def features(self, row: Row) -> dict[str, Any]:
