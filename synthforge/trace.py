@@ -120,10 +120,20 @@ def trace(
     if not stages and not versions:
         raise BadInput(f"nothing to trace: no stage manifests under {data_dir} and no published versions in {registry}")
     con = duckdb.connect()
-    con.execute("CREATE TABLE stage_files(file VARCHAR, stage VARCHAR, ord INTEGER)")
-    con.executemany("INSERT INTO stage_files VALUES (?, ?, ?)", [(str(p), st, depth) for p, st, depth in stages])
-    con.execute("CREATE TABLE version_files(file VARCHAR, label VARCHAR)")
-    con.executemany("INSERT INTO version_files VALUES (?, ?)", [(str(p), f"{n} v{v}") for n, v, p in versions])
+    con.register(
+        "stage_files",
+        pa.table(
+            {"file": [str(p) for p, _, _ in stages], "stage": [s for _, s, _ in stages], "ord": [d for _, _, d in stages]},
+            schema=pa.schema([("file", pa.string()), ("stage", pa.string()), ("ord", pa.int64())]),
+        ),
+    )
+    con.register(
+        "version_files",
+        pa.table(
+            {"file": [str(p) for _, _, p in versions], "label": [f"{n} v{v}" for n, v, _ in versions]},
+            schema=pa.schema([("file", pa.string()), ("label", pa.string())]),
+        ),
+    )
     _register(con, "sm", [p for p, _, _ in stages], manifest_schema())
     _register(con, "vm", [p for _, _, p in versions], VERSION_MANIFEST_SCHEMA)
     rows = con.execute(
