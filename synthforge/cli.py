@@ -5,6 +5,7 @@ Heavy imports (pyarrow, datasets, duckdb) happen inside the commands so that `sy
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -52,52 +53,55 @@ def generate(
     _report(run_generate(_params(params), out, sources), out)
 
 
-@app.command()
-def judge(
-    src: InOpt = Path("data/generated"),
-    out: Annotated[Path, typer.Option("--out")] = Path("data/judged"),
-    params: ParamsOpt = Path("params.yaml"),
-):
-    """Run every judge check; failures go to rejected/ with the check and its reason."""
-    from synthforge.stages.judge import run_judge
-
-    _report(run_judge(_params(params), src, out), out)
-
-
-@app.command()
-def dedup(
-    src: InOpt = Path("data/judged"),
-    out: Annotated[Path, typer.Option("--out")] = Path("data/deduped"),
-    params: ParamsOpt = Path("params.yaml"),
-):
-    """Exact and near-duplicate (MinHash LSH) dedup, recording cluster and representative."""
-    from synthforge.stages.dedup import run_dedup
-
-    _report(run_dedup(_params(params), src, out), out)
-
-
-@app.command()
-def tag(
-    src: InOpt = Path("data/deduped"),
-    out: Annotated[Path, typer.Option("--out")] = Path("data/tagged"),
-    params: ParamsOpt = Path("params.yaml"),
-):
-    """Tag difficulty (easy / medium / hard / adversarial) with the rule that fired."""
-    from synthforge.stages.tag import run_tag
-
-    _report(run_tag(_params(params), src, out), out)
+# The four stages that read one stage directory and write the next: (command, runner, default in, default out, help)
+_STAGE_COMMANDS = [
+    (
+        "judge",
+        "synthforge.stages.judge:run_judge",
+        "generated",
+        "judged",
+        "Run every judge check; failures go to rejected/ with the check and its reason.",
+    ),
+    (
+        "dedup",
+        "synthforge.stages.dedup:run_dedup",
+        "judged",
+        "deduped",
+        "Exact and near-duplicate (MinHash LSH) dedup, recording cluster and representative.",
+    ),
+    (
+        "tag",
+        "synthforge.stages.tag:run_tag",
+        "deduped",
+        "tagged",
+        "Tag difficulty (easy / medium / hard / adversarial) with the rule that fired.",
+    ),
+    (
+        "split",
+        "synthforge.stages.split:run_split",
+        "tagged",
+        "split",
+        "Deterministic split grouped by source and stratified by difficulty, with a leakage check.",
+    ),
+]
 
 
-@app.command()
-def split(
-    src: InOpt = Path("data/tagged"),
-    out: Annotated[Path, typer.Option("--out")] = Path("data/split"),
-    params: ParamsOpt = Path("params.yaml"),
-):
-    """Deterministic split grouped by source and stratified by difficulty, with a leakage check."""
-    from synthforge.stages.split import run_split
+def _add_stage_command(name: str, runner: str, default_in: str, default_out: str, doc: str) -> None:
+    def command(
+        src: InOpt = Path("data") / default_in,
+        out: Annotated[Path, typer.Option("--out", help="Output stage directory.")] = Path("data") / default_out,
+        params: ParamsOpt = Path("params.yaml"),
+    ):
+        module, func = runner.split(":")
+        run = getattr(importlib.import_module(module), func)
+        _report(run(_params(params), src, out), out)
 
-    _report(run_split(_params(params), src, out), out)
+    command.__doc__ = doc
+    app.command(name)(command)
+
+
+for _spec in _STAGE_COMMANDS:
+    _add_stage_command(*_spec)
 
 
 @app.command()

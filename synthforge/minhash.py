@@ -1,8 +1,9 @@
 """Near-duplicate text detection: MinHash signatures and LSH banding, vectorised with NumPy.
 
 Written by hand rather than taken from datasketch because it works on a whole batch of documents at once
-(one matrix of shingle hashes, one `minimum.reduceat`), where datasketch updates one document and one
-shingle at a time in Python; `benchmarks/bench_dedup.py` measures both at the same settings.
+(one flat array of shingle hashes, one `minimum.reduceat` per chunk, LSH buckets by sorting), where
+datasketch hashes each shingle in Python and keeps its LSH index in Python dicts;
+`benchmarks/bench_dedup.py` measures both at the same settings.
 The banding parameters are chosen the way datasketch does (minimising the weighted false-positive and
 false-negative areas under the S-curve), so a threshold means the same thing in both.
 """
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 _WORD = re.compile(r"\w+", re.UNICODE)
-_MAX_SHINGLES_PER_CHUNK = 1 << 17  # bounds the (shingles x permutations) matrix to ~128 MB at 128 perms
+_SHINGLES_PER_CHUNK = 1 << 13  # keeps the (shingles x permutations) matrix cache-sized: ~8 MB at 128 perms
 
 
 def normalize(text: str) -> str:
@@ -46,36 +47,42 @@ class MinHasher:
         self._a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)
         self._b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
 
-    def shingles(self, text: str) -> np.ndarray:
-        """Distinct 64-bit hashes of the word n-grams of `text` (one shingle if it has fewer words)."""
-        words = _WORD.findall(normalize(text))
-        if not words:
-            return np.empty(0, dtype=np.uint64)
-        word_hashes = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in words), dtype=np.uint64, count=len(words))
-        n = min(self.ngram, len(words))
-        width = len(words) - n + 1
-        h = np.zeros(width, dtype=np.uint64)
-        for j in range(n):
-            h = _splitmix64(h ^ word_hashes[j : j + width])
-        return np.unique(h)
+    def shingles(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(64-bit hashes of every text's word n-grams, concatenated; shingles per text).
+
+        A text with fewer than `ngram` words is one shingle; a text without words has none. Computed over
+        all texts at once: one flat array of word hashes, n vectorised passes over the windows.
+        """
+        words = [_WORD.findall(normalize(t)) for t in texts]
+        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        flat = np.fromiter((zlib.crc32(w.encode("utf-8")) for ws in words for w in ws), dtype=np.uint64, count=int(lengths.sum()))
+        counts = np.where(lengths == 0, 0, np.maximum(lengths - self.ngram + 1, 1))
+        first_word = np.repeat(np.cumsum(lengths) - lengths, counts)
+        window = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        width = np.repeat(np.minimum(lengths, self.ngram), counts)
+        h = np.zeros(len(window), dtype=np.uint64)
+        for j in range(self.ngram):
+            take = j < width
+            h[take] = _splitmix64(h[take] ^ flat[first_word[take] + window[take] + j])
+        return h, counts
 
     def signatures(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(signatures uint32 [len(texts), num_perm], has_words bool [len(texts)])."""
         sigs = np.full((len(texts), self.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
-        shingle_sets = [self.shingles(t) for t in texts]
-        has_words = np.array([len(s) > 0 for s in shingle_sets], dtype=bool)
+        hashes, counts = self.shingles(texts)
+        has_words = counts > 0
+        ends = np.cumsum(counts)
         start = 0
-        while start < len(texts):
-            stop, budget = start, 0
-            while stop < len(texts) and (stop == start or budget + len(shingle_sets[stop]) <= _MAX_SHINGLES_PER_CHUNK):
-                budget += len(shingle_sets[stop])
-                stop += 1
-            chunk = [s for s in shingle_sets[start:stop] if len(s)]
+        while start < len(texts):  # chunks of whole texts, about _SHINGLES_PER_CHUNK shingles each
+            base = ends[start] - counts[start]
+            stop = max(start + 1, int(np.searchsorted(ends, base + _SHINGLES_PER_CHUNK, side="right")))
             rows = np.flatnonzero(has_words[start:stop]) + start
-            if chunk:
-                flat = np.concatenate(chunk)
-                offsets = np.cumsum([0] + [len(s) for s in chunk[:-1]])
-                values = ((flat[:, None] * self._a[None, :] + self._b[None, :]) >> np.uint64(32)).astype(np.uint32)
+            if len(rows):
+                flat = hashes[base : ends[stop - 1]]
+                values = flat[:, None] * self._a[None, :]
+                values += self._b[None, :]
+                values >>= np.uint64(32)
+                offsets = (ends[rows] - counts[rows]) - base
                 sigs[rows] = np.minimum.reduceat(values, offsets, axis=0)
             start = stop
         return sigs, has_words

@@ -6,11 +6,11 @@ the earlier ones produced (adversarial variants take template samples as parents
 
 from __future__ import annotations
 
+import importlib.metadata
 import itertools
 import json
 import random
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,20 @@ CONTENT_SCHEMA = pa.schema(
 )
 
 Row = dict[str, Any]
+TEMPLATE_ENGINE = "jinja2-template-engine"  # the "generation model" of template-based methods
+
+
+@dataclass
+class Planned:
+    """One sample a method decided to make, before it gets its id, batch and provenance."""
+
+    content: dict[str, Any]
+    origin: dict[str, Any]  # what makes it unique besides its content (method, template, record, variant)
+    source: dict[str, Any]
+    template: PromptTemplate
+    params: dict[str, Any]
+    parent_ids: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -48,10 +62,31 @@ class GenerateContext:
     params_file: str
     _batches: itertools.count = field(default_factory=itertools.count)
 
-    def batch_ids(self, method: str, rows: list[Row]) -> Iterator[tuple[str, list[Row]]]:
-        """Cut a method's output into generation batches; each gets an id unique to this stage's work."""
-        for start in range(0, len(rows), self.batch_size):
-            yield f"{self.fingerprint[:8]}-{method}-{next(self._batches):04d}", rows[start : start + self.batch_size]
+    def emit(self, method: str, planned: list[Planned], model: str, model_revision: str | None) -> list[Row]:
+        """Samples with provenance, cut into generation batches; each batch id is unique to this stage's work."""
+        out = []
+        for start in range(0, len(planned), self.batch_size):
+            batch_id = f"{self.fingerprint[:8]}-{method}-{next(self._batches):04d}"
+            for p in planned[start : start + self.batch_size]:
+                sid = make_sample_id(p.origin, p.content)
+                prov = new_record(
+                    sample_id=sid,
+                    run_id=self.run_id,
+                    source=p.source,
+                    method=method,
+                    model=model,
+                    model_revision=model_revision,
+                    batch_id=batch_id,
+                    seed=self.seed,
+                    params=p.params,
+                    prompt_template_id=p.template.id,
+                    prompt_version=p.template.version,
+                    prompt_hash=p.template.hash,
+                    parent_ids=p.parent_ids,
+                )
+                prov["tags"] = list(p.tags)
+                out.append({"sample_id": sid, **p.content, "provenance": prov})
+        return out
 
 
 def _jinja_env():
@@ -89,7 +124,7 @@ class TemplateExpansion:
         env = _jinja_env()
         templates = self._templates(ctx)
         rng = random.Random(ctx.seed)
-        rows = []
+        planned = []
         for tpl in templates:
             tpl.require("instruction", "message", "label", "fields")
             pool = list(tpl.body.get("constraints", []))
@@ -124,35 +159,16 @@ class TemplateExpansion:
                         "record": src.id,
                         "constraints": subset,
                     }
-                    rows.append(
-                        (
-                            content,
-                            origin,
-                            src,
-                            tpl,
-                            {"constraint_ids": list(subset), "max_constraints": self.options.max_constraints},
+                    planned.append(
+                        Planned(
+                            content=content,
+                            origin=origin,
+                            source={"uri": src.uri, "record_id": src.id, "row": src.line - 1},
+                            template=tpl,
+                            params={"constraint_ids": list(subset), "max_constraints": self.options.max_constraints},
                         )
                     )
-        out = []
-        for batch_id, batch in ctx.batch_ids(self.name, rows):
-            for content, origin, src, tpl, gen_params in batch:
-                sid = make_sample_id(origin, content)
-                prov = new_record(
-                    sample_id=sid,
-                    run_id=ctx.run_id,
-                    source={"uri": src.uri, "record_id": src.id, "row": src.line - 1},
-                    method=self.name,
-                    model="jinja2-template-engine",
-                    model_revision=jinja2.__version__,
-                    batch_id=batch_id,
-                    seed=ctx.seed,
-                    params=gen_params,
-                    prompt_template_id=tpl.id,
-                    prompt_version=tpl.version,
-                    prompt_hash=tpl.hash,
-                )
-                out.append({"sample_id": sid, **content, "provenance": prov})
-        return out
+        return ctx.emit(self.name, planned, TEMPLATE_ENGINE, jinja2.__version__)
 
     def _templates(self, ctx: GenerateContext) -> list[PromptTemplate]:
         if self.options.templates is None:
@@ -200,29 +216,18 @@ class AdversarialVariants:
             # Payload goes inside the customer message, where untrusted text would really arrive.
             content = {**{k: parent[k] for k in CONTENT_SCHEMA.names}, "prompt": f"{parent['prompt']} {payload}"}
             origin = {"method": self.name, "parent": parent["sample_id"], "kind": kind, "payload": index, "version": tpl.version}
-            planned.append((content, origin, parent, {"kind": kind, "payload_index": index, "rate": self.options.rate}))
-        out = []
-        for batch_id, batch in ctx.batch_ids(self.name, planned):
-            for content, origin, parent, gen_params in batch:
-                sid = make_sample_id(origin, content)
-                prov = new_record(
-                    sample_id=sid,
-                    run_id=ctx.run_id,
+            planned.append(
+                Planned(
+                    content=content,
+                    origin=origin,
                     source=parent["provenance"]["source"],
-                    method=self.name,
-                    model="jinja2-template-engine",
-                    model_revision=parent["provenance"]["generation"]["model_revision"],
-                    batch_id=batch_id,
-                    seed=ctx.seed,
-                    params=gen_params,
-                    prompt_template_id=tpl.id,
-                    prompt_version=tpl.version,
-                    prompt_hash=tpl.hash,
+                    template=tpl,
+                    params={"kind": kind, "payload_index": index, "rate": self.options.rate},
                     parent_ids=[parent["sample_id"]],
+                    tags=[f"adversarial:{kind}"],
                 )
-                prov["tags"] = [f"adversarial:{gen_params['kind']}"]
-                out.append({"sample_id": sid, **content, "provenance": prov})
-        return out
+            )
+        return ctx.emit(self.name, planned, TEMPLATE_ENGINE, importlib.metadata.version("jinja2"))
 
 
 GENERATORS: dict[str, type] = {g.name: g for g in (TemplateExpansion, AdversarialVariants)}
