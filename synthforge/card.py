@@ -71,7 +71,7 @@ def render_card(
         "",
         description,
         "",
-        "Made with [synthforge](https://github.com/synthforge): every sample carries its provenance (source, generator, "
+        "Made with synthforge: every sample carries its provenance (source, generator, "
         "prompt version, judge verdicts, dedup cluster, difficulty, split) in the `provenance` column and in "
         "`provenance/manifest.parquet`.",
         "",

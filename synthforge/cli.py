@@ -112,11 +112,12 @@ def ingest(
     label_field: Annotated[str | None, typer.Option("--label-field", help="Column holding the label.")] = None,
     model: Annotated[str, typer.Option("--model", help="The model that made these samples, if known.")] = "unknown",
     batch_id: Annotated[str | None, typer.Option("--batch-id", help="Batch id to record (default: from the file hash).")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Which split of a multi-split dataset folder.")] = None,
 ):
     """Turn samples made elsewhere into a stage directory with provenance (method `imported`)."""
     from synthforge.stages.ingest import run_ingest
 
-    _report(run_ingest(file, out, text_field, label_field, model, batch_id), out)
+    _report(run_ingest(file, out, text_field, label_field, model, batch_id, split), out)
 
 
 @app.command()

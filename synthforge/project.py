@@ -119,10 +119,12 @@ def print_trace(result) -> None:
         f"{query}: {matches} samples, {len(result.samples) - matches} descendants; "
         f"{kept} kept, {sum(s.kept is False for s in result.samples)} rejected"
     )
-    table = Table("sample", "relation", "batch", "method", "prompt", "fate", "reason", "published in")
+    table = Table("relation", "method", "prompt", "fate", "reason", "published in")
+    table.add_column("sample", overflow="fold", min_width=24)  # ids must stay whole to be usable
+    table.add_column("batch", overflow="fold")
     for s in result.samples:
         table.add_row(
-            s.sample_id, s.relation, s.batch_id, s.method, s.prompt or "-", s.fate, s.reason or "-", "; ".join(s.published) or "-"
+            s.relation, s.method, s.prompt or "-", s.fate, s.reason or "-", "; ".join(s.published) or "-", s.sample_id, s.batch_id
         )
     console.print(table)
     if result.versions:

@@ -147,7 +147,11 @@ def trace(
             UNION
             SELECT e.child, e.parent FROM edges e JOIN tree t ON e.parent = t.sample_id
           ),
-          first_relation AS (SELECT sample_id, min(parent) AS parent FROM tree GROUP BY sample_id),
+          -- a sample that matches itself is a match even when it also descends from another match
+          first_relation AS (
+            SELECT sample_id, CASE WHEN bool_or(parent IS NULL) THEN NULL ELSE min(parent) END AS parent
+            FROM tree GROUP BY sample_id
+          ),
           info AS (SELECT sample_id, any_value(provenance.generation) AS gen FROM everything GROUP BY sample_id),
           fate AS (
             SELECT sm.sample_id, arg_max(f.stage, f.ord) AS last_stage, arg_max(sm.kept, f.ord) AS kept,

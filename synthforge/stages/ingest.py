@@ -19,33 +19,39 @@ from synthforge.sources import file_digest
 from synthforge.stagedir import StageWriter, stage_fingerprint
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    suffix = path.suffix.lower()
+def _read_rows(path: Path, split: str | None) -> list[tuple[str, dict[str, Any]]]:
+    """(where, record) pairs; `where` names the file and line (JSONL, CSV) or row (Parquet, datasets)."""
     if path.is_dir():
-        return _read_hf_dataset(path)
+        return [(f"{path}: row {i + 1}", r) for i, r in enumerate(_read_hf_dataset(path, split))]
     if not path.is_file():
         raise BadInput(f"{path}: file not found")
+    suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         from synthforge.sources import read_jsonl
 
-        return [record for _, record in read_jsonl(path)]
+        return [(f"{path}:{lineno}", record) for lineno, record in read_jsonl(path)]
     if suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
             try:
-                return list(csv.DictReader(fh))
+                rows = []
+                for record in reader:
+                    rows.append((f"{path}:{reader.line_num}", record))  # line_num: where the record ends
+                return rows
             except csv.Error as exc:
-                raise BadInput(f"{path}: not valid CSV: {exc}") from None
+                raise BadInput(f"{path}:{reader.line_num}: not valid CSV: {exc}") from None
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path).to_pylist()
+            table = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as exc:
             raise BadInput(f"{path}: not a readable Parquet file: {exc}") from None
+        return [(f"{path}: row {i + 1}", r) for i, r in enumerate(table.to_pylist())]
     raise BadInput(f"{path}: unsupported file type {suffix!r} (use .jsonl, .csv, .parquet or a HF dataset folder)")
 
 
-def _read_hf_dataset(path: Path) -> list[dict[str, Any]]:
+def _read_hf_dataset(path: Path, split: str | None) -> list[dict[str, Any]]:
     """A folder written by `Dataset.save_to_disk`, or a local dataset `load_dataset` understands."""
     import datasets
 
@@ -57,10 +63,22 @@ def _read_hf_dataset(path: Path) -> list[dict[str, Any]]:
         except Exception as exc:  # datasets raises many types for "not a dataset"
             raise BadInput(f"{path}: not a Hugging Face dataset folder: {exc}") from None
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds and len(ds) != 1:
-            raise BadInput(f"{path}: dataset has splits {list(ds)}; ingest one split at a time")
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        if split is None and len(ds) == 1:
+            split = next(iter(ds))
+        if split not in ds:
+            raise BadInput(f"{path}: dataset has splits {', '.join(ds)}; choose one with --split")
+        ds = ds[split]
+    elif split is not None:
+        raise BadInput(f"{path}: dataset has no splits, --split {split} does not apply")
     return ds.to_list()
+
+
+def _digest(path: Path) -> str:
+    """Content hash of a file, or of every file in a dataset folder: the same data gets the same batch."""
+    if path.is_file():
+        return file_digest(path)
+    parts = [f"{p.relative_to(path)}:{file_digest(p)}" for p in sorted(path.rglob("*")) if p.is_file()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def run_ingest(
@@ -70,23 +88,23 @@ def run_ingest(
     label_field: str | None = None,
     model: str = "unknown",
     batch_id: str | None = None,
+    split: str | None = None,
 ) -> dict:
     path = Path(path)
-    rows = _read_rows(path)
+    rows = _read_rows(path, split)
     if not rows:
         raise BadInput(f"{path}: no rows to ingest")
     wanted = [*text_fields, *([label_field] if label_field else [])]
     content_fields = [(f, pa.string()) for f in text_fields]
     if label_field:
         content_fields.append(("label", pa.string()))
-    digest = file_digest(path) if path.is_file() else hashlib.sha256(str(path.resolve()).encode()).hexdigest()
+    digest = _digest(path)
     fingerprint = stage_fingerprint(
         "ingest", {"text_fields": text_fields, "label_field": label_field, "model": model}, {"file": digest}
     )
     batch_id = batch_id or f"import-{digest[:12]}"
     samples = []
-    for i, record in enumerate(rows):
-        where = f"{path}: row {i + 1}" if path.suffix != ".csv" else f"{path}:{i + 2}"  # CSV line counts its header
+    for i, (where, record) in enumerate(rows):
         for field in wanted:
             if field not in record:
                 raise BadInput(f"{where}: missing field {field!r} (row has: {', '.join(map(str, record))})")
