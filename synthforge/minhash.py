@@ -11,14 +11,16 @@ false-negative areas under the S-curve), so a threshold means the same thing in 
 from __future__ import annotations
 
 import hashlib
-import re
 import unicodedata
 import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-_WORD = re.compile(r"\w+", re.UNICODE)
+_NON_WORD = r"[^\p{L}\p{N}_]+"  # a word is a run of letters, digits and underscores, as Python's \w
+_TEXTS_PER_CHUNK = 8192  # bounds the memory of tokenising and signing
 _SHINGLES_PER_CHUNK = 1 << 13  # keeps the (shingles x permutations) matrix cache-sized: ~8 MB at 128 perms
 
 
@@ -50,24 +52,38 @@ class MinHasher:
     def shingles(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(64-bit hashes of every text's word n-grams, concatenated; shingles per text).
 
-        A text with fewer than `ngram` words is one shingle; a text without words has none. Computed over
-        all texts at once: one flat array of word hashes, n vectorised passes over the windows.
+        A text with fewer than `ngram` words is one shingle; a text without words has none. Tokenising runs in
+        Arrow's C++ kernels and only distinct words are hashed in Python; the n-gram windows are n vectorised
+        passes over one flat array of word hashes.
         """
-        words = [_WORD.findall(normalize(t)) for t in texts]
-        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-        flat = np.fromiter((zlib.crc32(w.encode("utf-8")) for ws in words for w in ws), dtype=np.uint64, count=int(lengths.sum()))
+        words = pc.split_pattern_regex(pc.utf8_lower(pc.utf8_normalize(pa.array(texts, pa.large_string()), "NFKC")), _NON_WORD)
+        flat, parents = pc.list_flatten(words), pc.list_parent_indices(words)
+        nonempty = pc.not_equal(pc.binary_length(flat), 0)
+        flat, parents = flat.filter(nonempty), parents.filter(nonempty)
+        lengths = np.bincount(parents.to_numpy(), minlength=len(texts)).astype(np.int64)
+        encoded = pc.dictionary_encode(flat)
+        vocab = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in encoded.dictionary.to_pylist()), dtype=np.uint64)
+        word_hashes = vocab[encoded.indices.to_numpy()] if len(flat) else np.empty(0, dtype=np.uint64)
         counts = np.where(lengths == 0, 0, np.maximum(lengths - self.ngram + 1, 1))
         first_word = np.repeat(np.cumsum(lengths) - lengths, counts)
-        window = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        first_word += np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
         width = np.repeat(np.minimum(lengths, self.ngram), counts)
-        h = np.zeros(len(window), dtype=np.uint64)
+        h = np.zeros(len(first_word), dtype=np.uint64)
         for j in range(self.ngram):
-            take = j < width
-            h[take] = _splitmix64(h[take] ^ flat[first_word[take] + window[take] + j])
+            take = np.flatnonzero(j < width)
+            h[take] = _splitmix64(h[take] ^ word_hashes[first_word[take] + j])
         return h, counts
 
     def signatures(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(signatures uint32 [len(texts), num_perm], has_words bool [len(texts)])."""
+        """(signatures uint32 [len(texts), num_perm], has_words bool [len(texts)]), in bounded memory."""
+        sigs = np.full((len(texts), self.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+        has_words = np.zeros(len(texts), dtype=bool)
+        for first in range(0, len(texts), _TEXTS_PER_CHUNK):
+            chunk = slice(first, first + _TEXTS_PER_CHUNK)
+            sigs[chunk], has_words[chunk] = self._sign(texts[chunk])
+        return sigs, has_words
+
+    def _sign(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         sigs = np.full((len(texts), self.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
         hashes, counts = self.shingles(texts)
         has_words = counts > 0
