@@ -35,7 +35,7 @@ def render_card(
     provenance_rows: list[dict[str, Any]],
     stage_stats: list[dict[str, Any]],
     stage_info: list[dict[str, Any]],
-    registry_hint: str,
+    load_call: str,
 ) -> str:
     from datasets import DatasetInfo, Features, SplitDict, SplitInfo
 
@@ -118,7 +118,7 @@ def render_card(
         "",
         "```python",
         "import synthforge",
-        f'ds = synthforge.load("{name}", version="{version}"{registry_hint})',
+        f"ds = {load_call}",
         "```",
         "",
     ]

@@ -60,7 +60,7 @@ def stage_stats(data_dir: Path) -> list[dict[str, Any]]:
 def publish_and_describe(
     params: dict, data: Path, name: str | None, version: str | None, registry: str | None, project: Path = Path(".")
 ):
-    from synthforge.registry import Registry, resolve_registry
+    from synthforge.registry import Registry, load_call, resolve_registry
 
     section = params.get("publish") or {}
     name = name or section.get("name")
@@ -75,8 +75,7 @@ def publish_and_describe(
     else:
         counts = ", ".join(f"{s}: {n}" for s, n in info.counts.items())
         print(f"published {name} v{info.version} ({counts}) -> {result.repo} (tag v{info.version}, commit {info.commit[:10]})")
-    hint = "" if reg.root.resolve() == (project / "registry").resolve() else f', registry="{reg.root}"'
-    print(f'load it with: synthforge.load("{name}", version="{info.version}"{hint})')
+    print(f"load it with: {load_call(name, info.version, reg.root, project)}")
     return result
 
 

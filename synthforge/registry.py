@@ -309,7 +309,6 @@ def _build_version_tree(
         },
     }
     (tree / "synthforge.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    hint = "" if registry.resolve() == (project / "registry").resolve() else f', registry="{registry}"'
     card = render_card(
         name=name,
         version=version,
@@ -322,10 +321,16 @@ def _build_version_tree(
         provenance_rows=[m["provenance"] for m in manifest],
         stage_stats=stats,
         stage_info=[s.info for s in lineage],
-        registry_hint=hint,
+        load_call=load_call(name, version, registry, project),
     )
     (tree / "README.md").write_text(card)
     return meta
+
+
+def load_call(name: str, version: str, registry: Path, project: Path) -> str:
+    """The one line of Python that loads this version (the registry is named unless it is the default)."""
+    where = "" if registry.resolve() == (project / "registry").resolve() else f', registry="{registry}"'
+    return f'synthforge.load("{name}", version="{version}"{where})'
 
 
 def load(name: str, version: str, registry: str | Path | None = None, **load_kwargs):

@@ -32,7 +32,7 @@ from synthforge.provenance import PROVENANCE_TYPE, canonical_json, now_iso, sha2
 
 SHARD_ROWS = 50_000
 DEFAULT_BATCH_ROWS = 4_096
-_LIBRARIES = ("pyarrow", "jinja2", "jsonschema", "numpy", "datasketch")
+_LIBRARIES = ("pyarrow", "jinja2", "jsonschema", "numpy", "scipy")  # those whose versions can change an output
 
 Row = dict[str, Any]
 
