@@ -29,6 +29,11 @@ def normalize(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
+def joined_text(row: dict, fields: Sequence[str]) -> str:
+    """The text of a sample that dedup and leakage checks compare: the named fields, one per line."""
+    return "\n".join(str(row.get(f) or "") for f in fields)
+
+
 def exact_hash(text: str) -> str:
     return hashlib.sha256(normalize(text).encode("utf-8")).hexdigest()[:32]
 

@@ -51,10 +51,9 @@ def init_project(directory: str | Path) -> Path:
 
 def stage_stats(data_dir: Path) -> list[dict[str, Any]]:
     """stats.json of every stage directory, in pipeline order (by input fingerprints)."""
-    from synthforge.trace import _stage_manifests
+    from synthforge.stagedir import finished_stages
 
-    ordered = sorted(_stage_manifests(data_dir), key=lambda s: s[2])
-    return [json.loads((path.parent / "stats.json").read_text()) for path, _, _ in ordered]
+    return [json.loads((stage.path / "stats.json").read_text()) for stage, _ in finished_stages(data_dir)]
 
 
 def publish_and_describe(

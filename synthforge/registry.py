@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from synthforge.errors import BadInput, SynthforgeError, VersionExists
 from synthforge.gitutil import GitError, git
 from synthforge.provenance import PROVENANCE_TYPE, canonical_json, now_iso, sha256_hex
-from synthforge.stagedir import StageInput, code_revision
+from synthforge.stagedir import StageInput, code_revision, lineage
 
 SEMVER = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -216,28 +216,11 @@ def _commit_tree(repo: Path, tree: Path, index: Path, message: str) -> str:
     return commit
 
 
-def _lineage(source: StageInput) -> list[StageInput]:
-    """The chain of stage directories that produced `source`, found by input fingerprints among its siblings."""
-    siblings = {}
-    for d in source.path.parent.iterdir():
-        if d.is_dir() and not d.name.startswith(".") and (d / "stage.json").exists():
-            stage = StageInput.open(d)
-            siblings[stage.fingerprint] = stage
-    chain = [source]
-    while True:
-        parents = [siblings.get(fp) for fp in chain[-1].info.get("inputs", {}).values()]
-        parents = [p for p in parents if p is not None]
-        if not parents:
-            return chain[::-1]
-        chain.append(parents[0])
-
-
 def _build_version_tree(
     source: StageInput, tree: Path, name: str, version: str, params: dict, project: Path, registry: Path
 ) -> dict:
     from synthforge.card import render_card
-    from synthforge.minhash import exact_hash
-    from synthforge.stages.split import check_leakage, group_key
+    from synthforge.stages.split import check_leakage, group_key, leakage_fields, text_key
 
     (tree / "data").mkdir(parents=True)
     (tree / "provenance").mkdir()
@@ -252,19 +235,9 @@ def _build_version_tree(
         raise BadInput(f"{source.path}: no samples to publish")
     order = list((params.get("split") or {}).get("ratios") or {})
     by_split = dict(sorted(by_split.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
-    text_fields = (params.get("dedup") or {}).get("fields") or [
-        f.name for f in source.schema if pa.types.is_string(f.type) and f.name != "sample_id"
-    ]
-    check_leakage(
-        (
-            r["sample_id"],
-            s,
-            group_key(r, (params.get("split") or {}).get("group_by", "source")),
-            exact_hash("\n".join(str(r.get(f) or "") for f in text_fields)),
-        )
-        for s, rows in by_split.items()
-        for r in rows
-    )
+    fields = leakage_fields(params) or [f.name for f in source.schema if pa.types.is_string(f.type) and f.name != "sample_id"]
+    group_by = (params.get("split") or {}).get("group_by", "source")
+    check_leakage((r["sample_id"], s, group_key(r, group_by), text_key(r, fields)) for s, rows in by_split.items() for r in rows)
     split_files, split_bytes, manifest = {}, {}, []
     for split, rows in by_split.items():
         n_shards = max(1, -(-len(rows) // SHARD_ROWS))
@@ -280,16 +253,15 @@ def _build_version_tree(
             {"sample_id": r["sample_id"], "split": split, "content_hash": content_hash(r), "provenance": r["provenance"]}
             for r in rows
         ]
-    manifest_schema = pa.schema(
-        [("sample_id", pa.string()), ("split", pa.string()), ("content_hash", pa.string()), source.schema.field("provenance")]
-    )
     pq.write_table(
-        pa.Table.from_pylist(manifest, schema=manifest_schema), tree / "provenance" / "manifest.parquet", compression="zstd"
+        pa.Table.from_pylist(manifest, schema=VERSION_MANIFEST_SCHEMA),
+        tree / "provenance" / "manifest.parquet",
+        compression="zstd",
     )
     counts = {s: len(rows) for s, rows in by_split.items()}
     fingerprint = sha256_hex(canonical_json(sorted((m["sample_id"], m["split"], m["content_hash"]) for m in manifest)))
-    lineage = _lineage(source)
-    stats = [json.loads((s.path / "stats.json").read_text()) for s in lineage]
+    chain = lineage(source)
+    stats = [json.loads((s.path / "stats.json").read_text()) for s in chain]
     publish = params.get("publish") or {}
     read = lambda p: (project / p).read_text() if (project / p).exists() else None  # noqa: E731
     meta = {
@@ -300,7 +272,7 @@ def _build_version_tree(
         "content_fingerprint": fingerprint,
         "synthforge_version": __import__("synthforge").__version__,
         "code_revision": code_revision(),
-        "lineage": [s.info for s in lineage],
+        "lineage": [s.info for s in chain],
         "stats": stats,
         "pipeline": {
             "dvc.yaml": read("dvc.yaml"),
@@ -320,7 +292,7 @@ def _build_version_tree(
         split_bytes=split_bytes,
         provenance_rows=[m["provenance"] for m in manifest],
         stage_stats=stats,
-        stage_info=[s.info for s in lineage],
+        stage_info=[s.info for s in chain],
         load_call=load_call(name, version, registry, project),
     )
     (tree / "README.md").write_text(card)

@@ -144,6 +144,35 @@ class StageInput:
                 yield batch.to_pylist()
 
 
+def finished_stages(data_dir: str | Path) -> list[tuple[StageInput, int]]:
+    """Every finished stage directory under data_dir with its depth in the pipeline, in pipeline order.
+
+    Depth follows input fingerprints (generate 0, judge 1, ...), so order does not depend on directory names.
+    """
+    data_dir = Path(data_dir)
+    stages = []
+    if data_dir.is_dir():
+        for d in sorted(data_dir.iterdir()):
+            if not d.name.startswith(".") and all((d / f).exists() for f in ("stage.json", "manifest.parquet", "samples")):
+                stages.append(StageInput.open(d))
+    by_fp = {s.fingerprint: s for s in stages}
+
+    def depth(stage: StageInput, seen: frozenset = frozenset()) -> int:
+        parents = [by_fp[fp] for fp in stage.info.get("inputs", {}).values() if fp in by_fp and fp not in seen]
+        return 1 + max((depth(p, seen | {stage.fingerprint}) for p in parents), default=-1)
+
+    return sorted(((s, depth(s)) for s in stages), key=lambda sd: sd[1])
+
+
+def lineage(source: StageInput) -> list[StageInput]:
+    """The chain of stage directories that produced `source` (itself last), found among its siblings."""
+    by_fp = {s.fingerprint: s for s, _ in finished_stages(source.path.parent)}
+    chain = [source]
+    while parents := [by_fp[fp] for fp in chain[-1].info.get("inputs", {}).values() if fp in by_fp]:
+        chain.append(parents[0])
+    return chain[::-1]
+
+
 class _ShardWriter:
     """Appends rows to `dir/part-NNNNN.parquet`, starting a new shard every SHARD_ROWS rows."""
 

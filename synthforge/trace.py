@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from synthforge.errors import BadInput
 from synthforge.registry import VERSION_MANIFEST_SCHEMA, Registry
-from synthforge.stagedir import manifest_schema
+from synthforge.stagedir import finished_stages, manifest_schema
 
 
 @dataclass
@@ -54,26 +54,6 @@ class TraceResult:
         return json.dumps(
             {"query": self.query, "versions": self.versions, "samples": [asdict(s) for s in self.samples]}, indent=2
         )
-
-
-def _stage_manifests(data_dir: Path) -> list[tuple[Path, str, int]]:
-    """(manifest path, stage name, depth in the pipeline) for each finished stage directory under data_dir.
-
-    Depth follows input fingerprints (generate 0, judge 1, ...), so "the last stage a sample reached" is
-    well defined whatever the directory names.
-    """
-    infos = {}
-    if data_dir.is_dir():
-        for d in sorted(data_dir.iterdir()):
-            if not d.name.startswith(".") and (d / "manifest.parquet").exists() and (d / "stage.json").exists():
-                infos[d] = json.loads((d / "stage.json").read_text())
-    by_fp = {info["fingerprint"]: d for d, info in infos.items()}
-
-    def depth(d: Path, seen: frozenset = frozenset()) -> int:
-        parents = [by_fp[fp] for fp in infos[d].get("inputs", {}).values() if fp in by_fp and by_fp[fp] not in seen]
-        return 1 + max((depth(p, seen | {d}) for p in parents), default=-1)
-
-    return [(d / "manifest.parquet", info["stage"], depth(d)) for d, info in infos.items()]
 
 
 def _register(con, view: str, files: list[Path], schema: pa.Schema) -> None:
@@ -115,7 +95,7 @@ def trace(
     import duckdb
 
     where, args = _predicate(batch, model, prompt_version, sample)
-    stages = _stage_manifests(Path(data_dir))
+    stages = [(st.path / "manifest.parquet", st.stage, depth) for st, depth in finished_stages(data_dir)]
     versions = Registry(registry).manifests()
     if not stages and not versions:
         raise BadInput(f"nothing to trace: no stage manifests under {data_dir} and no published versions in {registry}")

@@ -12,7 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from synthforge.minhash import MinHasher, estimated_jaccard, exact_hash, near_duplicate_representatives, optimal_bands
+from synthforge.minhash import (
+    MinHasher,
+    estimated_jaccard,
+    exact_hash,
+    joined_text,
+    near_duplicate_representatives,
+    optimal_bands,
+)
 from synthforge.stagedir import Row, StageBase, StageInput, reject, run_stage
 
 
@@ -36,11 +43,8 @@ class DedupStage(StageBase):
         self._has_words: list[np.ndarray] = []
         self._variant_of: dict[int, set[str]] = {}
 
-    def text(self, row: Row) -> str:
-        return "\n".join(str(row.get(f) or "") for f in self.fields)
-
     def observe(self, rows: list[Row]) -> None:
-        texts = [self.text(r) for r in rows]
+        texts = [joined_text(r, self.fields) for r in rows]
         for r in rows:
             gen = r["provenance"]["generation"]
             if gen["method"] in self.exempt_methods and gen["parent_ids"]:

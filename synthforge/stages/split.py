@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from synthforge.errors import LeakageError
-from synthforge.minhash import exact_hash
+from synthforge.minhash import exact_hash, joined_text
 from synthforge.stagedir import Row, StageBase, StageInput, run_stage
 
 
@@ -23,6 +23,15 @@ def group_key(row: Row, group_by: str) -> str:
         return row["sample_id"]
     src = prov["source"]
     return f"{src['uri']}#{src['record_id'] if src['record_id'] is not None else src['row']}"
+
+
+def leakage_fields(params: dict[str, Any]) -> list[str] | None:
+    """The text fields that must not repeat across splits: split.leakage_fields, else what dedup compares."""
+    return (params.get("split") or {}).get("leakage_fields") or (params.get("dedup") or {}).get("fields")
+
+
+def text_key(row: Row, fields: list[str]) -> str:
+    return exact_hash(joined_text(row, fields))
 
 
 def check_leakage(items: Iterable[tuple[str, str, str, str]]) -> None:
@@ -41,14 +50,14 @@ def check_leakage(items: Iterable[tuple[str, str, str, str]]) -> None:
 
 
 class SplitStage(StageBase):
-    def __init__(self, section: dict[str, Any], seed: int, leakage_fields: list[str]):
+    def __init__(self, section: dict[str, Any], seed: int, fields: list[str]):
         super().__init__(name="split", needs_reduce=True)
         ratios = section["ratios"]
         total = sum(ratios.values())
         self.ratios = {k: v / total for k, v in ratios.items()}
         self.group_by = section.get("group_by", "source")
         self.stratify_by = section.get("stratify_by", "difficulty")
-        self.leakage_fields = section.get("leakage_fields", leakage_fields)
+        self.leakage_fields = fields
         self.seed = seed
         self._samples: list[tuple[str, str, str, str]] = []  # sample_id, group, stratum, text hash
 
@@ -61,8 +70,9 @@ class SplitStage(StageBase):
 
     def observe(self, rows: list[Row]) -> None:
         for row in rows:
-            text = "\n".join(str(row.get(f) or "") for f in self.leakage_fields)
-            self._samples.append((row["sample_id"], group_key(row, self.group_by), self._stratum(row), exact_hash(text)))
+            self._samples.append(
+                (row["sample_id"], group_key(row, self.group_by), self._stratum(row), text_key(row, self.leakage_fields))
+            )
 
     def finalize(self) -> None:
         members: dict[str, list[int]] = defaultdict(list)
@@ -100,5 +110,5 @@ class SplitStage(StageBase):
 
 
 def run_split(params: dict[str, Any], src: str | Path, out: str | Path) -> dict:
-    stage = SplitStage(params["split"], int(params["seed"]), params["dedup"]["fields"])
+    stage = SplitStage(params["split"], int(params["seed"]), leakage_fields(params))
     return run_stage(stage, StageInput.open(src), out, {"split": params["split"], "seed": params["seed"]})
