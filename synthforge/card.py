@@ -22,6 +22,22 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _samples_section(
+    grids: dict[str, str] | None, class_counts: dict[str, dict[str, int]] | None, splits: list[str]
+) -> list[str]:
+    """Image grids and per-class counts by split, as card lines (none for a dataset without them)."""
+    if not grids and not class_counts:
+        return []
+    lines = ["## Samples", ""]
+    if grids:
+        lines += ["A few images per class and per difficulty level (the first by sample id), with how many samples each has.", ""]
+        lines += [line for alt, path in grids.items() for line in (f"![{alt}]({path})", "")]
+    if class_counts:
+        rows = [[name, *(by_split.get(s, 0) for s in splits), sum(by_split.values())] for name, by_split in class_counts.items()]
+        lines += ["Samples per class and split:", "", _table(["class", *splits, "total"], rows), ""]
+    return lines
+
+
 def render_card(
     *,
     name: str,
@@ -36,7 +52,12 @@ def render_card(
     stage_stats: list[dict[str, Any]],
     stage_info: list[dict[str, Any]],
     load_call: str,
+    sample_grids: dict[str, str] | None = None,
+    class_counts: dict[str, dict[str, int]] | None = None,
 ) -> str:
+    """schema: the published shards' schema; its `huggingface` metadata (image and class-label features) is what
+    the card's dataset_info shows. sample_grids: {alt text: image path in the version}; class_counts:
+    {class: {split: samples}} in label order. Both only for image datasets: they make the Samples section."""
     from datasets import DatasetInfo, Features, SplitDict, SplitInfo
 
     splits = SplitDict()
@@ -82,6 +103,7 @@ def render_card(
             [[s, split_counts[s], *(by_split_difficulty[(s, lv)] for lv in levels)] for s in split_counts],
         ),
         "",
+        *_samples_section(sample_grids, class_counts, list(split_counts)),
         "## How it was made",
         "",
         _table(

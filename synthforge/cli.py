@@ -184,11 +184,14 @@ def trace(
 
 
 @app.command()
-def init(directory: Annotated[Path, typer.Argument(help="New project folder.")]):
-    """Scaffold a project: git + DVC (analytics off), dvc.yaml, params.yaml, schemas/, sample sources."""
+def init(
+    directory: Annotated[Path, typer.Argument(help="New project folder.")],
+    pipeline: Annotated[str, typer.Option("--pipeline", help="Bundled pipeline: digits (default) or one in pipelines/.")] = "digits",
+):
+    """Scaffold a project: git + DVC (analytics off), a bundled pipeline's dvc.yaml and params.yaml, schemas/."""
     from synthforge.project import init_project
 
-    init_project(directory)
+    init_project(directory, pipeline)
     typer.echo(f"initialised {directory}: cd {directory} && dvc repro && synthforge publish")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from synthforge.errors import BadInput, SynthforgeError
 from synthforge.gitutil import git
-from synthforge.resources import RECIPE_FILES, recipe_dir
+from synthforge.resources import DEFAULT_PIPELINE, PIPELINE_FILES, pipeline_dir, recipe_dir
 
 PROJECT_GITIGNORE = "/registry/\n.venv/\n__pycache__/\n"
 
@@ -27,18 +27,20 @@ def _dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env)
 
 
-def init_project(directory: str | Path) -> Path:
+def init_project(directory: str | Path, pipeline: str = DEFAULT_PIPELINE) -> Path:
+    """A new git + DVC project holding a bundled pipeline: its dvc.yaml, params.yaml, own inputs, and schemas/."""
     target = Path(directory)
+    source = pipeline_dir(pipeline)
     if target.exists() and any(target.iterdir()):
         raise BadInput(f"{target}: folder exists and is not empty")
     target.mkdir(parents=True, exist_ok=True)
-    source = recipe_dir()
-    for name in RECIPE_FILES:
-        src = source / name
-        if src.is_dir():
-            shutil.copytree(src, target / name)
-        else:
-            shutil.copy2(src, target / name)
+    shutil.copytree(recipe_dir() / "schemas", target / "schemas")
+    for name in PIPELINE_FILES:
+        shutil.copy2(source / name, target / name)
+    if pipeline != DEFAULT_PIPELINE:  # a named pipeline's folder may carry its own inputs (sources, prompts)
+        for extra in sorted(source.iterdir()):
+            if extra.is_dir():
+                shutil.copytree(extra, target / extra.name)
     (target / ".gitignore").write_text(PROJECT_GITIGNORE)
     git("init", "--quiet", "--initial-branch=main", cwd=target)
     for args in (("init", "--quiet"), ("config", "core.analytics", "false")):

@@ -28,6 +28,23 @@ CHECK_TYPE = pa.struct(
     ]
 )
 
+CAPTION_TYPE = pa.struct(
+    [("raw", pa.string()), ("perturbed", pa.string()), ("model", pa.string()), ("parsed", pa.bool_())]
+)
+
+VOG_TYPE = pa.struct(
+    [
+        ("score", pa.float64()),
+        ("normalized", pa.float64()),
+        ("direction", pa.string()),
+        ("target", pa.string()),
+        ("checkpoints", pa.list_(pa.string())),
+        ("normalization", pa.string()),
+        ("drop_fraction", pa.float64()),
+        ("class_threshold", pa.float64()),
+    ]
+)
+
 PROVENANCE_TYPE = pa.struct(
     [
         ("sample_id", pa.string()),
@@ -50,6 +67,8 @@ PROVENANCE_TYPE = pa.struct(
                     ("batch_id", pa.string()),
                     ("parent_ids", pa.list_(pa.string())),
                     ("created_at", pa.string()),
+                    ("caption", CAPTION_TYPE),
+                    ("seed_marginal_score", pa.float64()),
                 ]
             ),
         ),
@@ -64,9 +83,12 @@ PROVENANCE_TYPE = pa.struct(
                     ("is_representative", pa.bool_()),
                     ("method", pa.string()),
                     ("similarity", pa.float64()),
+                    ("distance", pa.float64()),
+                    ("representative_is_real", pa.bool_()),
                 ]
             ),
         ),
+        ("vog", VOG_TYPE),
         ("tags", pa.list_(pa.string())),
         ("difficulty", pa.string()),
         ("difficulty_rule", pa.string()),
@@ -110,6 +132,8 @@ def new_record(
     parent_ids: list[str] | None = None,
     model_revision: str | None = None,
     adapter_hash: str | None = None,
+    caption: dict[str, Any] | None = None,
+    seed_marginal_score: float | None = None,
 ) -> dict[str, Any]:
     from synthforge import __version__
 
@@ -131,9 +155,12 @@ def new_record(
             "batch_id": batch_id,
             "parent_ids": list(parent_ids or []),
             "created_at": now_iso(),
+            "caption": caption,
+            "seed_marginal_score": seed_marginal_score,
         },
         "judge": None,
         "dedup": None,
+        "vog": None,
         "tags": [],
         "difficulty": None,
         "difficulty_rule": None,

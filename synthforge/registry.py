@@ -1,8 +1,10 @@
 """The local registry: one bare git repository per dataset, one commit and one annotated tag per version.
 
     <registry>/<name>.git          refs/heads/main, refs/tags/vX.Y.Z
-      data/{split}-NNNNN-of-NNNNN.parquet   content + sample_id + provenance
+      data/{split}-NNNNN-of-NNNNN.parquet   content + sample_id + provenance, with the `datasets` features in
+                                            the schema metadata (an `image` column is a datasets.Image)
       README.md                             dataset card with Hub YAML
+      images/grid_by_{class,difficulty}.png sample grids shown by the card (image datasets only)
       provenance/manifest.parquet           sample_id, split, content_hash, provenance
       synthforge.json                       pipeline, params, dvc.lock, fingerprints, counts
 
@@ -35,6 +37,7 @@ from synthforge.stagedir import StageInput, code_revision, lineage
 SEMVER = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SHARD_ROWS = 100_000
+MAX_CLASS_LABEL_ID = 100_000  # label ids beyond this are not class indices: the label stays a plain int
 VERSION_MANIFEST_SCHEMA = pa.schema(
     [("sample_id", pa.string()), ("split", pa.string()), ("content_hash", pa.string()), ("provenance", PROVENANCE_TYPE)]
 )
@@ -88,7 +91,70 @@ class PublishResult:
 
 
 def content_hash(row: dict[str, Any]) -> str:
-    return sha256_hex(canonical_json({k: v for k, v in row.items() if k != "provenance"}))
+    """Hash of a split-stage row's content. Binary values (PNG bytes) enter as their sha256, so the hash depends on
+    the stored bytes only, never on how they are published or decoded (datasets.Image struct, PIL)."""
+    content = {
+        k: f"sha256:{sha256_hex(bytes(v))}" if isinstance(v, bytes | bytearray) else v
+        for k, v in row.items()
+        if k != "provenance"
+    }
+    return sha256_hex(canonical_json(content))
+
+
+def image_column(schema: pa.Schema) -> str | None:
+    """The column of image bytes by the content convention (synthforge.vision.images): a binary `image` column."""
+    if "image" in schema.names and (
+        pa.types.is_binary(schema.field("image").type) or pa.types.is_large_binary(schema.field("image").type)
+    ):
+        return "image"
+    return None
+
+
+def class_names(rows: list[dict[str, Any]], where: Path) -> list[str] | None:
+    """Class names indexed by label id, from every row of the version (so a split that lacks a class still gets
+    the full list), or None when rows carry no label/label_name pairs or ids are negative or huge.
+
+    A label id missing from the whole version gets a placeholder name, so ids keep their meaning.
+    """
+    name_of: dict[int, tuple[str, str]] = {}  # label -> (name, first sample with it)
+    label_of: dict[str, tuple[int, str]] = {}
+    for row in rows:
+        label, name, sid = row.get("label"), row.get("label_name"), row["sample_id"]
+        if label is None or name is None:
+            continue
+        if label < 0:
+            return None
+        known_name, other = name_of.setdefault(label, (name, sid))
+        if known_name != name:
+            raise BadInput(f"{where}: label {label} is named {known_name!r} (sample {other}) and {name!r} (sample {sid})")
+        known_label, other = label_of.setdefault(name, (label, sid))
+        if known_label != label:
+            raise BadInput(f"{where}: label name {name!r} has label {known_label} (sample {other}) and {label} (sample {sid})")
+    if not name_of or max(name_of) >= MAX_CLASS_LABEL_ID:
+        return None
+    return [name_of[i][0] if i in name_of else f"<no samples: {i}>" for i in range(max(name_of) + 1)]
+
+
+def published_features(schema: pa.Schema, rows: list[dict[str, Any]], where: Path):
+    """The `datasets.Features` of the published shards: the split stage's columns, the image column as a
+    datasets.Image and `label` as a ClassLabel when the rows name their classes."""
+    from datasets import ClassLabel, Features, Image
+
+    features = Features.from_arrow_schema(schema)
+    if image := image_column(schema):
+        features[image] = Image()
+    if "label" in schema.names and "label_name" in schema.names and pa.types.is_integer(schema.field("label").type):
+        names = class_names(rows, where)
+        if names:
+            features["label"] = ClassLabel(names=names)
+    return features
+
+
+def _published_row(row: dict[str, Any], image: str | None) -> dict[str, Any]:
+    """A split-stage row as stored in a shard: image bytes become the {bytes, path} struct of datasets.Image."""
+    if image is None or row[image] is None:
+        return row
+    return {**row, image: {"bytes": row[image], "path": None}}
 
 
 class Registry:
@@ -220,7 +286,6 @@ def _build_version_tree(
     source: StageInput, tree: Path, name: str, version: str, params: dict, project: Path, registry: Path
 ) -> dict:
     from synthforge.card import render_card
-    from synthforge.stages.split import check_leakage, group_key, leakage_fields, text_key
 
     (tree / "data").mkdir(parents=True)
     (tree / "provenance").mkdir()
@@ -235,9 +300,11 @@ def _build_version_tree(
         raise BadInput(f"{source.path}: no samples to publish")
     order = list((params.get("split") or {}).get("ratios") or {})
     by_split = dict(sorted(by_split.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
-    fields = leakage_fields(params) or [f.name for f in source.schema if pa.types.is_string(f.type) and f.name != "sample_id"]
-    group_by = (params.get("split") or {}).get("group_by", "source")
-    check_leakage((r["sample_id"], s, group_key(r, group_by), text_key(r, fields)) for s, rows in by_split.items() for r in rows)
+    _check_leakage(source, by_split, params)
+    all_rows = [r for rows in by_split.values() for r in rows]
+    features = published_features(source.schema, all_rows, source.path)
+    schema = features.arrow_schema  # carries the features as `huggingface` metadata, read back by datasets loaders
+    image = image_column(source.schema)
     split_files, split_bytes, manifest = {}, {}, []
     for split, rows in by_split.items():
         n_shards = max(1, -(-len(rows) // SHARD_ROWS))
@@ -245,9 +312,8 @@ def _build_version_tree(
         split_bytes[split] = 0
         for k in range(n_shards):
             path = tree / "data" / f"{split}-{k:05d}-of-{n_shards:05d}.parquet"
-            pq.write_table(
-                pa.Table.from_pylist(rows[k * SHARD_ROWS : (k + 1) * SHARD_ROWS], schema=source.schema), path, compression="zstd"
-            )
+            shard = [_published_row(r, image) for r in rows[k * SHARD_ROWS : (k + 1) * SHARD_ROWS]]
+            pq.write_table(pa.Table.from_pylist(shard, schema=schema), path, compression="zstd")
             split_bytes[split] += path.stat().st_size
         manifest += [
             {"sample_id": r["sample_id"], "split": split, "content_hash": content_hash(r), "provenance": r["provenance"]}
@@ -259,6 +325,11 @@ def _build_version_tree(
         compression="zstd",
     )
     counts = {s: len(rows) for s, rows in by_split.items()}
+    grids, class_counts = None, None
+    if image:
+        classes = _class_key(source.schema, all_rows)
+        grids = _write_sample_grids(tree / "images", all_rows, image, classes)
+        class_counts = _class_counts(by_split, classes) if classes else None
     fingerprint = sha256_hex(canonical_json(sorted((m["sample_id"], m["split"], m["content_hash"]) for m in manifest)))
     chain = lineage(source)
     stats = [json.loads((s.path / "stats.json").read_text()) for s in chain]
@@ -286,7 +357,7 @@ def _build_version_tree(
         version=version,
         description=publish.get("description", f"Synthetic dataset {name}."),
         license=publish.get("license"),
-        schema=source.schema,
+        schema=schema,
         split_files=split_files,
         split_counts=counts,
         split_bytes=split_bytes,
@@ -294,9 +365,78 @@ def _build_version_tree(
         stage_stats=stats,
         stage_info=[s.info for s in chain],
         load_call=load_call(name, version, registry, project),
+        sample_grids=grids,
+        class_counts=class_counts,
     )
     (tree / "README.md").write_text(card)
     return meta
+
+
+def _check_leakage(source: StageInput, by_split: dict[str, list[dict]], params: dict) -> None:
+    """No source group and no content in two splits. Content is the text fields for text data; for image data it
+    is the image bytes (class names and captions repeat across splits by design), plus any leakage_fields set."""
+    from synthforge.stages.split import check_leakage, group_key, leakage_fields, text_key
+
+    group_by = (params.get("split") or {}).get("group_by", "source")
+    fields = leakage_fields(params)
+    keys = []
+    if image := image_column(source.schema):
+        keys.append(lambda r: sha256_hex(r[image]) if r[image] is not None else r["sample_id"])
+    if fields or not keys:
+        fields = fields or [f.name for f in source.schema if pa.types.is_string(f.type) and f.name != "sample_id"]
+        keys.append(lambda r: text_key(r, fields))
+    for key in keys:
+        check_leakage((r["sample_id"], s, group_key(r, group_by), key(r)) for s, rows in by_split.items() for r in rows)
+
+
+def _class_key(schema: pa.Schema, rows: list[dict]) -> tuple[str, list] | None:
+    """The column naming a row's class (label_name, else label) and its values in label-id order, the order a
+    classifier uses; None for data without labels."""
+    column = next((c for c in ("label_name", "label") if c in schema.names), None)
+    if column is None:
+        return None
+
+    def by_label(row: dict) -> tuple:
+        label = row.get("label")
+        return (not isinstance(label, int), label if isinstance(label, int) else 0, str(row[column]))
+
+    return column, list(dict.fromkeys(r[column] for r in sorted(rows, key=by_label)))
+
+
+def _write_sample_grids(folder: Path, rows: list[dict], image: str, classes: tuple[str, list] | None) -> dict[str, str]:
+    """grid_by_class.png and grid_by_difficulty.png in folder; returns {alt text: path in the version} for the card."""
+    from synthforge.plots import DIFFICULTY_ORDER, image_grid_by
+
+    grids = {}
+
+    def write(file: str, title: str, png: bytes) -> None:
+        folder.mkdir(exist_ok=True)
+        (folder / file).write_bytes(png)
+        grids[title] = f"{folder.name}/{file}"
+
+    if classes is not None:
+        column, order = classes
+        title = "Samples per class"
+        write("grid_by_class.png", title, image_grid_by(rows, column, order=order, title=title, image_column=image))
+    if any(_difficulty(r) for r in rows):
+        title = "Samples per difficulty"
+        png = image_grid_by(rows, _difficulty, order=DIFFICULTY_ORDER, title=title, image_column=image)
+        write("grid_by_difficulty.png", title, png)
+    return grids
+
+
+def _difficulty(row: dict) -> str | None:
+    return row["provenance"]["difficulty"]
+
+
+def _class_counts(by_split: dict[str, list[dict]], classes: tuple[str, list]) -> dict[str, dict[str, int]]:
+    """{class: {split: samples}} in label order, for the card's per-class table."""
+    column, order = classes
+    counts: dict[Any, dict[str, int]] = {c: {} for c in order}
+    for split, rows in by_split.items():
+        for r in rows:
+            counts[r[column]][split] = counts[r[column]].get(split, 0) + 1
+    return {"(none)" if c is None else str(c): n for c, n in counts.items()}
 
 
 def load_call(name: str, version: str, registry: Path, project: Path) -> str:

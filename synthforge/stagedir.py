@@ -282,14 +282,14 @@ class StageWriter:
         (self.tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         info = {**self.fingerprint, "code_revision": code_revision(), "finished_at": now_iso()}
         (self.tmp / "stage.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        _swap_into_place(self.tmp, self.out)
+        swap_into_place(self.tmp, self.out)
 
     @property
     def stats(self) -> dict[str, Any]:
         return json.loads((self.out / "stats.json").read_text())
 
 
-def _swap_into_place(new: Path, out: Path) -> None:
+def swap_into_place(new: Path, out: Path) -> None:
     """Replace `out` by `new` with renames only; the old output survives until the new one is in place."""
     old = None
     if out.exists():

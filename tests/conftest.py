@@ -52,20 +52,20 @@ def run_pipeline(project: Path, params_file: str = "params.yaml", data: str = "d
 
 @pytest.fixture(scope="session")
 def project(tmp_path_factory) -> Path:
-    """A project made by `synthforge init`, with its pipeline run once. Tests must not modify it."""
+    """A text-eval project made by `synthforge init`, with its pipeline run once. Tests must not modify it."""
     from synthforge.project import init_project
 
-    root = init_project(tmp_path_factory.mktemp("proj") / "evalset")
+    root = init_project(tmp_path_factory.mktemp("proj") / "evalset", pipeline="text-eval")
     run_pipeline(root)
     return root
 
 
 @pytest.fixture
 def fresh_project(tmp_path) -> Path:
-    """A scaffolded project of the test's own (pipeline not run)."""
+    """A scaffolded text-eval project of the test's own (pipeline not run)."""
     from synthforge.project import init_project
 
-    return init_project(tmp_path / "evalset")
+    return init_project(tmp_path / "evalset", pipeline="text-eval")
 
 
 def cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:

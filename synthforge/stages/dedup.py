@@ -108,6 +108,8 @@ class DedupStage(StageBase):
                 "is_representative": r == i,
                 "method": method,
                 "similarity": similarity,
+                "distance": None,
+                "representative_is_real": None,
             }
             if r == i:
                 kept.append(row)
