@@ -41,16 +41,84 @@ def _report(stats: dict, out: Path) -> None:
     )
 
 
+RealOpt = Annotated[Path, typer.Option("--real", help="Real data folder (written by `synthforge real`).")]
+ClassifierOpt = Annotated[Path, typer.Option("--classifier", help="Reference classifier folder.")]
+
+
+@app.command()
+def real(
+    out: Annotated[Path, typer.Option("--out", help="Real data folder.")] = Path("data/real"),
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Read the real image dataset in params `real` into train/test Parquet with PNG images."""
+    from synthforge.stages.prepare import run_real
+
+    info = run_real(_params(params), out)
+    counts = info["counts"]
+    typer.echo(f"real: {counts['train']} train, {counts['test']} test images, {len(info['class_names'])} classes -> {out}")
+
+
+@app.command()
+def classifier(
+    real: RealOpt = Path("data/real"),
+    out: Annotated[Path, typer.Option("--out", help="Classifier folder.")] = Path("models/classifier"),
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Train the reference classifier on the real training split, saving the checkpoints VoG needs."""
+    from synthforge.stages.prepare import run_classifier
+
+    stats = run_classifier(_params(params), real, out)
+    typer.echo(f"classifier: test accuracy {stats['test_accuracy']}, checkpoints {', '.join(stats['checkpoints'])} -> {out}")
+
+
+@app.command()
+def adapt(
+    real: RealOpt = Path("data/real"),
+    out: Annotated[Path, typer.Option("--out", help="Generator folder.")] = Path("models/generator"),
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Adapt the generator family in params `generator` to the real training images (LoRA)."""
+    from synthforge.stages.prepare import run_adapt
+
+    meta = run_adapt(_params(params), real, out)
+    typer.echo(f"adapt: {meta['family']} adapter {meta['adapter_hash'][:12]} -> {out}")
+
+
+@app.command()
+def seeds(
+    real: RealOpt = Path("data/real"),
+    classifier: ClassifierOpt = Path("models/classifier"),
+    out: Annotated[Path, typer.Option("--out", help="Seeds folder.")] = Path("data/seeds"),
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Marginal sampling: the real images the classifier finds hardest, with budgets and caption variants."""
+    from synthforge.stages.seeds import run_seeds
+
+    stats = run_seeds(_params(params), real, classifier, out)
+    typer.echo(
+        f"seeds: {stats['selected']} of {stats['real_train']} real images, {stats['images_planned']} images planned -> {out}"
+    )
+
+
 @app.command()
 def generate(
     out: Annotated[Path, typer.Option("--out", help="Output stage directory.")] = Path("data/generated"),
     params: ParamsOpt = Path("params.yaml"),
-    sources: Annotated[str | None, typer.Option("--in", help="Source records (default: params generate.sources).")] = None,
+    sources: Annotated[str | None, typer.Option("--in", help="Source records (text; default: params generate.sources).")] = None,
+    seeds_dir: Annotated[Path, typer.Option("--seeds", help="Seeds folder (images).")] = Path("data/seeds"),
+    real: RealOpt = Path("data/real"),
+    generator: Annotated[Path, typer.Option("--generator", help="Adapted generator folder (images).")] = Path("models/generator"),
 ):
-    """Generate samples from source records and versioned prompt templates."""
-    from synthforge.stages.generate import run_generate
+    """Generate samples: text from sources and versioned prompts, or images from seeds and the adapted generator."""
+    p = _params(params)
+    if p["generate"].get("modality") == "image":
+        from synthforge.stages.generate_images import run_generate_images
 
-    _report(run_generate(_params(params), out, sources), out)
+        _report(run_generate_images(p, seeds_dir, real, generator, out), out)
+    else:
+        from synthforge.stages.generate import run_generate
+
+        _report(run_generate(p, out, sources), out)
 
 
 # The four stages that read one stage directory and write the next: (command, runner, default in, default out, help)
@@ -67,21 +135,21 @@ _STAGE_COMMANDS = [
         "synthforge.stages.dedup:run_dedup",
         "judged",
         "deduped",
-        "Exact and near-duplicate (MinHash LSH) dedup, recording cluster and representative.",
+        "Dedup (text: exact + MinHash LSH; images: perceptual hash, also against real images), recording cluster and representative.",
     ),
     (
         "tag",
         "synthforge.stages.tag:run_tag",
         "deduped",
         "tagged",
-        "Tag difficulty (easy / medium / hard / adversarial) with the rule that fired.",
+        "Tag difficulty (easy / medium / hard / adversarial) with the rule that fired and its features.",
     ),
     (
         "split",
         "synthforge.stages.split:run_split",
         "tagged",
         "split",
-        "Deterministic split grouped by source and stratified by difficulty, with a leakage check.",
+        "Deterministic split grouped by source or parent and stratified, with a leakage check.",
     ),
 ]
 
@@ -186,7 +254,9 @@ def trace(
 @app.command()
 def init(
     directory: Annotated[Path, typer.Argument(help="New project folder.")],
-    pipeline: Annotated[str, typer.Option("--pipeline", help="Bundled pipeline: digits (default) or one in pipelines/.")] = "digits",
+    pipeline: Annotated[
+        str, typer.Option("--pipeline", help="Bundled pipeline: digits (default) or one in pipelines/.")
+    ] = "digits",
 ):
     """Scaffold a project: git + DVC (analytics off), a bundled pipeline's dvc.yaml and params.yaml, schemas/."""
     from synthforge.project import init_project

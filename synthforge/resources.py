@@ -26,9 +26,11 @@ def recipe_dir() -> Path:
 
 def pipeline_names() -> list[str]:
     extra = recipe_dir() / "pipelines"
-    return [DEFAULT_PIPELINE, *sorted(p.name for p in extra.iterdir() if (p / "dvc.yaml").exists())] if extra.is_dir() else [
-        DEFAULT_PIPELINE
-    ]
+    return (
+        [DEFAULT_PIPELINE, *sorted(p.name for p in extra.iterdir() if (p / "dvc.yaml").exists())]
+        if extra.is_dir()
+        else [DEFAULT_PIPELINE]
+    )
 
 
 def pipeline_dir(name: str) -> Path:

@@ -32,7 +32,19 @@ from synthforge.provenance import PROVENANCE_TYPE, canonical_json, now_iso, sha2
 
 SHARD_ROWS = 50_000
 DEFAULT_BATCH_ROWS = 4_096
-_LIBRARIES = ("pyarrow", "jinja2", "jsonschema", "numpy", "scipy")  # those whose versions can change an output
+_LIBRARIES = (
+    "pyarrow",
+    "jinja2",
+    "jsonschema",
+    "numpy",
+    "scipy",
+    "torch",
+    "diffusers",
+    "peft",
+    "transformers",
+    "imagehash",
+    "pillow",
+)  # those whose versions can change an output
 
 Row = dict[str, Any]
 
@@ -337,11 +349,21 @@ def reject(row: Row, by: str, reason: str) -> Row:
     return {**row, "rejected_by": by, "reason": reason}
 
 
-def run_stage(stage: Stage, source: StageInput, out: str | Path, params: Any, batch_rows: int = DEFAULT_BATCH_ROWS) -> dict:
-    """Run a stage over an input stage directory and write its own; returns its stats."""
+def run_stage(
+    stage: Stage,
+    source: StageInput,
+    out: str | Path,
+    params: Any,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    extra_inputs: dict[str, str] | None = None,
+) -> dict:
+    """Run a stage over an input stage directory and write its own; returns its stats.
+
+    extra_inputs: fingerprints of what else the stage reads (a classifier, the real images), by name.
+    """
     from synthforge.progress import progress_bar
 
-    fingerprint = stage_fingerprint(stage.name, params, {source.stage: source.fingerprint})
+    fingerprint = stage_fingerprint(stage.name, params, {source.stage: source.fingerprint, **(extra_inputs or {})})
     total = source.count()
     if stage.needs_reduce:
         with progress_bar(f"{stage.name}: scan", total) as advance:

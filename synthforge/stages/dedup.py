@@ -1,4 +1,4 @@
-"""dedup: exact (normalised text hash) and near-duplicate (MinHash LSH) text dedup.
+"""dedup: text (exact normalised hash, then MinHash LSH) or images (perceptual hash, also against real images).
 
 Marks, never silently drops: every sample gets a cluster id, its representative and the similarity to it;
 the representative (the earliest sample of its cluster in input order) is kept and the others go to
@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from synthforge.errors import BadInput
 from synthforge.minhash import (
     MinHasher,
     estimated_jaccard,
@@ -124,5 +125,112 @@ class DedupStage(StageBase):
         return kept, rejected
 
 
+class ImageDedupStage(StageBase):
+    """Perceptual-hash dedup of images: within the synthetic set, and against the real training images.
+
+    A synthetic image within `max_distance` of a real training image is a memorised copy and is rejected; the
+    rest are clustered (connected components of the within-distance graph, found by multi-index hashing) and
+    each cluster keeps its earliest member.
+    """
+
+    def __init__(self, section: dict[str, Any], params_file: str = "params.yaml"):
+        from synthforge.vision.imagehash_index import HASH_KINDS
+
+        super().__init__(name="dedup", needs_reduce=True)
+        self.kind = section.get("hash", "phash")
+        if self.kind not in HASH_KINDS:
+            raise BadInput(f"{params_file}: dedup.image.hash: unknown hash {self.kind!r} (known: {', '.join(HASH_KINDS)})")
+        self.hash_size = int(section.get("hash_size", 8))
+        self.max_distance = int(section.get("max_distance", 4))
+        self.against_real = section.get("against_real")
+        self._ids: list[str] = []
+        self._hashes: list[np.ndarray] = []
+
+    def observe(self, rows: list[Row]) -> None:
+        from synthforge.vision.imagehash_index import hash_images
+
+        self._ids += [r["sample_id"] for r in rows]
+        self._hashes.append(hash_images((r["image"] for r in rows), self.kind, self.hash_size))
+
+    def finalize(self) -> None:
+        from synthforge.vision.imagehash_index import cluster_near_duplicates, hash_images, imagehash_version, words_per_hash
+
+        hashes = np.concatenate(self._hashes) if self._hashes else np.zeros((0, words_per_hash(self.hash_size)), np.uint64)
+        self.hashes = hashes
+        self.index = {sid: i for i, sid in enumerate(self._ids)}
+        n = len(hashes)
+        self.real_ids: list[str] = []
+        self.real_match = np.full(n, -1, dtype=np.int64)
+        self.real_distance = np.full(n, -1, dtype=np.int64)
+        if self.against_real:
+            from synthforge.vision.real import read_real
+
+            real = read_real(Path(self.against_real), "train")
+            self.real_ids = real.column("real_id").to_pylist()
+            real_hashes = hash_images(real.column("image").to_pylist(), self.kind, self.hash_size)
+            against = cluster_near_duplicates(hashes, self.max_distance, reference=real_hashes)
+            self.real_match, self.real_distance = against.reference_match, against.reference_distance
+        # Clusters among the synthetic images that are not memorised copies, so every cluster keeps one.
+        fresh = np.flatnonzero(self.real_match < 0)
+        result = cluster_near_duplicates(hashes[fresh], self.max_distance)
+        self.rep = np.arange(n)
+        self.distance = np.zeros(n, dtype=np.int64)
+        self.rep[fresh] = fresh[result.representative]
+        self.distance[fresh] = result.distance
+        self._metrics = {
+            "hash": self.kind,
+            "hash_size": self.hash_size,
+            "max_distance": self.max_distance,
+            "imagehash_version": imagehash_version(),  # imagehash 4.0 changed its encoding: keep the version
+            "against_real": self.against_real,
+            "real_images": len(self.real_ids),
+            "memorised_copies": int((self.real_match >= 0).sum()),
+            "near_duplicates": int((self.rep != np.arange(n)).sum()),
+            "clusters": int(len(np.unique(self.rep[fresh]))),
+        }
+
+    def _hex(self, i: int) -> str:
+        return f"{self.kind}{self.hash_size}:" + "".join(f"{int(w):016x}" for w in self.hashes[i])
+
+    def apply(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+        kept, rejected = [], []
+        bits = self.hash_size * self.hash_size
+        for row in rows:
+            i = self.index[row["sample_id"]]
+            if self.real_match[i] >= 0:
+                rep_id, d, is_real = self.real_ids[self.real_match[i]], int(self.real_distance[i]), True
+            else:
+                rep_id, d, is_real = self._ids[self.rep[i]], int(self.distance[i]), False
+            is_rep = rep_id == row["sample_id"]
+            row["provenance"]["dedup"] = {
+                "exact_hash": self._hex(i),
+                "cluster_id": f"c-{rep_id}",
+                "representative_id": rep_id,
+                "is_representative": is_rep,
+                "method": None if is_rep else (f"{self.kind}-vs-real" if is_real else self.kind),
+                "similarity": 1 - d / bits,
+                "distance": float(d),
+                "representative_is_real": is_real,
+            }
+            if is_rep:
+                kept.append(row)
+            elif is_real:
+                reason = f"memorised copy of real training image {rep_id}: {self.kind} distance {d} <= {self.max_distance}"
+                rejected.append(reject(row, "dedup.memorised", reason))
+            else:
+                reason = f"near-duplicate of {rep_id}: {self.kind} distance {d} (cluster threshold {self.max_distance} bits)"
+                rejected.append(reject(row, f"dedup.{self.kind}", reason))
+        return kept, rejected
+
+
 def run_dedup(params: dict[str, Any], src: str | Path, out: str | Path) -> dict:
-    return run_stage(DedupStage(params["dedup"]), StageInput.open(src), out, {"dedup": params["dedup"]})
+    section = params["dedup"]
+    if "image" in section:
+        from synthforge.vision.real import real_info
+
+        stage = ImageDedupStage(section["image"], params.get("__file__", "params.yaml"))
+        real = section["image"].get("against_real")
+        inputs = {"real": real_info(Path(real))["digest"]} if real else {}
+    else:
+        stage, inputs = DedupStage(section), {}
+    return run_stage(stage, StageInput.open(src), out, {"dedup": section}, extra_inputs=inputs)

@@ -156,7 +156,167 @@ class BannedPatternsCheck:
         return result(self.name, True)
 
 
-CHECKS: dict[str, type] = {c.name: c for c in (FormatCheck, RequiredFieldsCheck, LengthCheck, BannedPatternsCheck)}
+@dataclass
+class ImageFormatOptions:
+    min_size: int = 1  # smallest accepted width/height in pixels
+    max_size: int | None = None
+    channels: int | None = None  # 1 (grey) or 3 (RGB); None = either
+    min_std: float = 1.0  # pixel standard deviation (0-255) below which an image is blank
+
+
+class ImageFormatCheck:
+    """The `image` column decodes, has an accepted size and channel count, and is not blank."""
+
+    name = "image_format"
+    Options = ImageFormatOptions
+
+    def __init__(self, options: ImageFormatOptions, where: str, params_file: str):
+        self.o = options
+
+    def check(self, row: Row) -> dict:
+        import numpy as np
+
+        from synthforge.vision.images import decode_image
+
+        try:
+            img = decode_image(row.get("image") or b"")
+        except ValueError as exc:
+            return result(self.name, False, f"image: {exc}", parsed=False)
+        w, h = img.size
+        if min(w, h) < self.o.min_size or (self.o.max_size is not None and max(w, h) > self.o.max_size):
+            return result(self.name, False, f"image is {w}x{h}, outside [{self.o.min_size}, {self.o.max_size or 'any'}] pixels")
+        channels = 1 if img.mode in ("L", "I", "I;16", "1") else 3
+        if self.o.channels is not None and channels != self.o.channels:
+            return result(self.name, False, f"image has {channels} channel(s), expected {self.o.channels} (mode {img.mode})")
+        std = float(np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float64).std())
+        if std < self.o.min_std:
+            return result(self.name, False, f"image is blank: pixel std {std:.2f} < min_std {self.o.min_std}", score=std)
+        return result(self.name, True, score=std)
+
+
+@dataclass
+class VogOptions:
+    classifier: str = "models/classifier"  # the reference classifier folder (its checkpoints)
+    checkpoints: list[str] | None = None  # checkpoint names; None = all it saved
+    target: str = "logit"  # gradient of the true class's pre-softmax logit, or of its probability
+    direction: str = "drop_lowest"  # GenDataAgent drops the lowest VoG per class; the VoG paper reads high VoG as atypical
+    normalization: str = "per_class_zscore"  # or none
+    drop_fraction: float = 0.25  # per class (GenDataAgent: 25 / 50 / 75%)
+    batch_size: int = 256
+
+
+class VogFilter:
+    """Variance of gradients over the classifier's checkpoints (GenDataAgent 2.4), a per-class drop fraction.
+
+    A set-level check: every batch is scored in the observe pass (batched, vectorised), per-class normalisation
+    and thresholds are fixed in finalize, and `check` reads the decision. The score and the settings also go
+    into `provenance.vog`.
+    """
+
+    name = "vog"
+    Options = VogOptions
+    needs_reduce = True
+
+    def __init__(self, options: VogOptions, where: str, params_file: str):
+        from synthforge.vision import vog
+        from synthforge.vision.classifier import load_classifier
+
+        for key, allowed in (("target", vog.TARGETS), ("direction", vog.DIRECTIONS), ("normalization", vog.NORMALIZATIONS)):
+            if getattr(options, key) not in allowed:
+                raise BadInput(
+                    f"{params_file}: {where}.{key}: must be one of {', '.join(allowed)}, got {getattr(options, key)!r}"
+                )
+        if not 0 <= options.drop_fraction < 1:
+            raise BadInput(f"{params_file}: {where}.drop_fraction: must be in [0, 1), got {options.drop_fraction}")
+        self.o = options
+        self.classifier = load_classifier(options.classifier)
+        self.checkpoint_names = options.checkpoints or self.classifier.config["checkpoints"]
+        if len(self.checkpoint_names) < 2:
+            raise BadInput(f"{params_file}: {where}.checkpoints: VoG needs at least 2 checkpoints, got {self.checkpoint_names}")
+        self.models = self.classifier.checkpoints(self.checkpoint_names)
+        self._ids: list[str] = []
+        self._labels: list[int] = []
+        self._scores: list = []
+
+    def observe(self, rows: list[Row]) -> None:
+        import torch
+
+        from synthforge.vision.vog import vog_scores
+
+        images, labels = [], []
+        for row in rows:
+            try:
+                images.append(self.classifier.tensor([row["image"]])[0])
+            except ValueError:
+                continue  # an unreadable image fails image_format; it gets no VoG score
+            labels.append(int(row["label"]))
+            self._ids.append(row["sample_id"])
+        if images:
+            self._scores.append(
+                vog_scores(self.models, torch.stack(images), torch.tensor(labels), self.o.target, self.o.batch_size)
+            )
+            self._labels += labels
+
+    def finalize(self) -> None:
+        import numpy as np
+
+        from synthforge.vision.vog import normalize_per_class, select_kept
+
+        scores = np.concatenate(self._scores) if self._scores else np.zeros(0)
+        labels = np.asarray(self._labels, dtype=np.int64)
+        normalized = normalize_per_class(scores, labels, self.o.normalization)
+        kept, thresholds = select_kept(normalized, labels, self.o.drop_fraction, self.o.direction)
+        self.decision = {
+            sid: (float(s), float(z), bool(k), thresholds.get(int(c)))
+            for sid, s, z, k, c in zip(self._ids, scores, normalized, kept, labels, strict=True)
+        }
+        names = self.classifier.class_names
+        self._metrics = {
+            "scored": len(scores),
+            "dropped": int((~kept).sum()),
+            "mean_vog_kept": round(float(scores[kept].mean()), 6) if kept.any() else None,
+            "mean_vog_dropped": round(float(scores[~kept].mean()), 6) if (~kept).any() else None,
+            "class_threshold": {names[c]: t for c, t in sorted(thresholds.items())},
+            "settings": self.settings(None),
+        }
+
+    def settings(self, threshold: float | None) -> dict:
+        return {
+            "direction": self.o.direction,
+            "target": self.o.target,
+            "checkpoints": list(self.checkpoint_names),
+            "normalization": self.o.normalization,
+            "drop_fraction": self.o.drop_fraction,
+            "class_threshold": threshold,
+        }
+
+    def metrics(self) -> dict:
+        return self._metrics
+
+    def check(self, row: Row) -> dict:
+        import json
+
+        if row["sample_id"] not in self.decision:
+            return result(self.name, False, "not scored: the image could not be read", parsed=False)
+        score, z, kept, threshold = self.decision[row["sample_id"]]
+        row["provenance"]["vog"] = {"score": score, "normalized": z, **self.settings(threshold)}
+        raw = json.dumps({"vog": score, "normalized": z, "class_threshold": threshold})
+        if kept:
+            return result(self.name, True, score=z, raw=raw)
+        side = "lowest" if self.o.direction == "drop_lowest" else "highest"
+        return result(
+            self.name,
+            False,
+            f"VoG outlier: normalised VoG {z:.3f} is among the {side} {self.o.drop_fraction:.0%} of class "
+            f"{row.get('label_name', row.get('label'))} (boundary {threshold:.3f})",
+            score=z,
+            raw=raw,
+        )
+
+
+CHECKS: dict[str, type] = {
+    c.name: c for c in (FormatCheck, RequiredFieldsCheck, LengthCheck, BannedPatternsCheck, ImageFormatCheck, VogFilter)
+}
 
 
 def build_checks(params: dict[str, Any]) -> list:
@@ -171,9 +331,21 @@ def build_checks(params: dict[str, Any]) -> list:
 
 class JudgeStage(StageBase):
     def __init__(self, checks: list):
-        super().__init__(name="judge")
+        self.set_checks = [c for c in checks if getattr(c, "needs_reduce", False)]
+        super().__init__(name="judge", needs_reduce=bool(self.set_checks))
         self.checks = checks
         self._metrics = {"failed_by_check": {c.name: 0 for c in checks}}
+
+    def observe(self, rows: list[Row]) -> None:
+        for c in self.set_checks:
+            c.observe(rows)
+
+    def finalize(self) -> None:
+        for c in self.set_checks:
+            c.finalize()
+
+    def metrics(self) -> dict[str, Any]:
+        return {**self._metrics, **{c.name: c.metrics() for c in self.set_checks}}
 
     def apply(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
         kept, rejected = [], []
@@ -191,5 +363,8 @@ class JudgeStage(StageBase):
 
 
 def run_judge(params: dict[str, Any], src: str | Path, out: str | Path) -> dict:
-    stage = JudgeStage(build_checks(params))
-    return run_stage(stage, StageInput.open(src), out, {"judge": params["judge"]})
+    from synthforge.vision.classifier import classifier_digest
+
+    checks = build_checks(params)
+    models = {f"classifier:{c.o.classifier}": classifier_digest(c.o.classifier) for c in checks if isinstance(c, VogFilter)}
+    return run_stage(JudgeStage(checks), StageInput.open(src), out, {"judge": params["judge"]}, extra_inputs=models)

@@ -1,4 +1,4 @@
-"""split: deterministic, grouped by source (no source lands in two splits), stratified by difficulty.
+"""split: deterministic, grouped by source or parent (no group lands in two splits), stratified by difficulty or label.
 
 Groups are ordered by a seeded hash and, stratum by stratum, each group goes to the split furthest below its
 target share. A leakage check then fails loudly if a source or a (normalised) text sits in two splits.
@@ -18,9 +18,12 @@ from synthforge.stagedir import Row, StageBase, StageInput, run_stage
 
 
 def group_key(row: Row, group_by: str) -> str:
+    """source: the source record; parent: the real seed or parent sample (all children of one image together)."""
     prov = row["provenance"]
     if group_by == "sample":
         return row["sample_id"]
+    if group_by == "parent" and prov["generation"]["parent_ids"]:
+        return "parent:" + ",".join(sorted(prov["generation"]["parent_ids"]))
     src = prov["source"]
     return f"{src['uri']}#{src['record_id'] if src['record_id'] is not None else src['row']}"
 
@@ -31,6 +34,12 @@ def leakage_fields(params: dict[str, Any]) -> list[str] | None:
 
 
 def text_key(row: Row, fields: list[str]) -> str:
+    """The content that must not repeat across splits: normalised text, or the exact bytes of binary fields."""
+    binary = [f for f in fields if isinstance(row.get(f), bytes)]
+    if binary:
+        return hashlib.sha256(
+            b"".join(row[f] for f in binary) + joined_text(row, [f for f in fields if f not in binary]).encode()
+        ).hexdigest()[:32]
     return exact_hash(joined_text(row, fields))
 
 

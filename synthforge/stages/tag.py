@@ -1,4 +1,6 @@
-"""tag: difficulty easy / medium / hard / adversarial from explainable features; the rule that fired is kept.
+"""tag: difficulty easy / medium / hard / adversarial; the rule that fired and its features are kept.
+
+Text (TagStage), from explainable features; images (ImageTagStage), from the reference classifier.
 
 Rules, first match wins:
   adversarial  the sample was made by an adversarial method (injection, manipulation, format breaking)
@@ -13,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from synthforge.errors import BadInput
 from synthforge.provenance import canonical_json
 from synthforge.stagedir import Row, StageBase, StageInput, run_stage
 
@@ -72,5 +75,71 @@ class TagStage(StageBase):
         return rows, []
 
 
+class ImageTagStage(StageBase):
+    """Difficulty of an image from the reference classifier's marginal score p(label | image).
+
+    Rules, first match wins:
+      adversarial  the classifier predicts another class with probability >= adversarial_min_confidence
+      easy         marginal score >= easy_min_score
+      medium       marginal score >= medium_min_score
+      hard         otherwise
+    """
+
+    def __init__(self, section: dict[str, Any], params_file: str = "params.yaml"):
+        from synthforge.vision.classifier import load_classifier
+
+        super().__init__(name="tag")
+        self.classifier = load_classifier(section["classifier"])
+        self.easy = float(section.get("easy_min_score", 0.9))
+        self.medium = float(section.get("medium_min_score", 0.5))
+        self.adversarial = float(section.get("adversarial_min_confidence", 0.8))
+        if not 0 <= self.medium <= self.easy <= 1:
+            raise BadInput(
+                f"{params_file}: tag: need 0 <= medium_min_score <= easy_min_score <= 1, got {self.medium}, {self.easy}"
+            )
+        self._metrics = {"difficulty": {d: 0 for d in ("easy", "medium", "hard", "adversarial")}}
+
+    def classify(self, score: float, predicted: str, confidence: float, label: str) -> tuple[str, str]:
+        if predicted != label and confidence >= self.adversarial:
+            return "adversarial", f"predicted {predicted} with p={confidence:.2f}>={self.adversarial}"
+        if score >= self.easy:
+            return "easy", f"marginal_score={score:.2f}>={self.easy}"
+        if score >= self.medium:
+            return "medium", f"marginal_score={score:.2f}>={self.medium}"
+        return "hard", f"marginal_score={score:.2f}<{self.medium}"
+
+    def apply(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+        probs = self.classifier.probabilities([r["image"] for r in rows])
+        names = self.classifier.class_names
+        for row, p in zip(rows, probs, strict=True):
+            top = int(p.argmax())
+            label_name = names[row["label"]]
+            f = {
+                "marginal_score": round(float(p[row["label"]]), 6),
+                "predicted": names[top],
+                "predicted_probability": round(float(p[top]), 6),
+                "classifier": str(self.classifier.path),
+            }
+            level, rule = self.classify(f["marginal_score"], f["predicted"], f["predicted_probability"], label_name)
+            prov = row["provenance"]
+            prov["difficulty"], prov["difficulty_rule"], prov["difficulty_features"] = level, rule, canonical_json(f)
+            extra = [f"difficulty:{level}", f"method:{prov['generation']['method']}", f"label:{label_name}"]
+            prov["tags"] = sorted(set(prov.get("tags") or []) | set(extra))
+            self._metrics["difficulty"][level] += 1
+        return rows, []
+
+
 def run_tag(params: dict[str, Any], src: str | Path, out: str | Path) -> dict:
-    return run_stage(TagStage(params["tag"]), StageInput.open(src), out, {"tag": params["tag"]})
+    section = params["tag"]
+    if "classifier" in section:
+        from synthforge.vision.classifier import classifier_digest
+
+        stage = ImageTagStage(section, params.get("__file__", "params.yaml"))
+        return run_stage(
+            stage,
+            StageInput.open(src),
+            out,
+            {"tag": section},
+            extra_inputs={"classifier": classifier_digest(section["classifier"])},
+        )
+    return run_stage(TagStage(section), StageInput.open(src), out, {"tag": section})

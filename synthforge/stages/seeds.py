@@ -1,0 +1,204 @@
+"""seeds: GenDataAgent's feedback step. Score every real training image with the reference classifier (the
+marginal score, the probability of its true class), take the k lowest (or a fraction) as seeds, decide how
+many images each seed gets, and give each seed its caption variants.
+
+    data/seeds/seeds.parquet   one row per real training image: marginal score, rank, selected, n_images,
+                               caption, caption variants (text, raw model output, parsed) and the caption model
+    data/seeds/stats.json      what was selected, per class, and the budget per class
+
+Every real image is kept in the table (selected or not) so the choice can be inspected and plotted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from synthforge.errors import BadInput
+from synthforge.params import parse_options
+from synthforge.stagedir import swap_into_place
+
+VARIANT_TYPE = pa.struct([("text", pa.string()), ("raw", pa.string()), ("parsed", pa.bool_())])
+SEEDS_SCHEMA = pa.schema(
+    [
+        ("real_id", pa.string()),
+        ("label", pa.int64()),
+        ("label_name", pa.string()),
+        ("marginal_score", pa.float64()),
+        ("rank", pa.int64()),  # 0 = the lowest marginal score
+        ("selected", pa.bool_()),
+        ("n_images", pa.int64()),
+        ("caption", pa.string()),
+        ("caption_model", pa.string()),
+        ("variants", pa.list_(VARIANT_TYPE)),
+        ("variants_model", pa.string()),
+    ]
+)
+
+
+@dataclass
+class SeedsOptions:
+    k: int | None = None  # the k lowest-scoring real images; or
+    fraction: float | None = 0.2  # this fraction of the training set (GenDataAgent: 1/5, 1/4, 1/2)
+    images_per_seed: int = 4  # m: images (caption variants) per seed
+    budget: str = "uniform"  # uniform: m per seed; accuracy: classes the classifier gets wrong more get more
+    caption_source: str = "class_name"  # class_name | column (the real data's captions) | model (a captioning model)
+    caption_model: str | None = None  # transformers image-to-text model (path or hub id) for caption_source=model
+    perturb_model: str | None = None  # transformers causal LM (path or hub id) writing caption variants; None = no perturbation
+    max_words: int = 10  # the paper's limit on each perturbation
+
+
+def _validate(o: SeedsOptions, params_file: str) -> None:
+    where = f"{params_file}: seeds"
+    if (o.k is None) == (o.fraction is None):
+        raise BadInput(f"{where}: give exactly one of k and fraction (k={o.k}, fraction={o.fraction})")
+    if o.fraction is not None and not 0 < o.fraction <= 1:
+        raise BadInput(f"{where}.fraction: must be in (0, 1], got {o.fraction}")
+    if o.k is not None and o.k < 1:
+        raise BadInput(f"{where}.k: must be at least 1, got {o.k}")
+    if o.images_per_seed < 1:
+        raise BadInput(f"{where}.images_per_seed: must be at least 1, got {o.images_per_seed}")
+    if o.budget not in ("uniform", "accuracy"):
+        raise BadInput(f"{where}.budget: must be uniform or accuracy, got {o.budget!r}")
+    if o.caption_source not in ("class_name", "column", "model"):
+        raise BadInput(f"{where}.caption_source: must be class_name, column or model, got {o.caption_source!r}")
+    if o.caption_source == "model" and not o.caption_model:
+        raise BadInput(f"{where}.caption_model: caption_source=model needs a captioning model (path or hub id)")
+
+
+def images_per_seed(labels: np.ndarray, per_class_accuracy: dict[int, float | None], m: int, budget: str) -> np.ndarray:
+    """How many images each selected seed gets. `accuracy` scales m by the class's error rate relative to the
+    mean error (GenDataAgent saw weaker classes gain most), at least 1 and at most 4m per seed."""
+    if budget == "uniform" or not len(labels):
+        return np.full(len(labels), m, dtype=np.int64)
+    error = np.array([1.0 - (per_class_accuracy.get(int(c)) or 0.0) for c in labels])
+    mean = error.mean()
+    if mean <= 0:
+        return np.full(len(labels), m, dtype=np.int64)
+    return np.clip(np.rint(m * error / mean), 1, 4 * m).astype(np.int64)
+
+
+def run_seeds(params: dict[str, Any], real: str | Path, classifier: str | Path, out: str | Path) -> dict[str, Any]:
+    from synthforge.vision.classifier import load_classifier, marginal_scores
+    from synthforge.vision.real import read_real
+
+    params_file = params.get("__file__", "params.yaml")
+    o = parse_options(SeedsOptions, params.get("seeds") or {}, "seeds", params_file)
+    _validate(o, params_file)
+    seed = int(params["seed"])
+    clf = load_classifier(classifier)
+    table = read_real(Path(real), "train")
+    rows = table.to_pylist()
+    labels = np.asarray([r["label"] for r in rows], dtype=np.int64)
+    scores = marginal_scores(clf.probabilities([r["image"] for r in rows]), labels)
+    order = np.lexsort((np.arange(len(rows)), scores))  # lowest score first, ties by input order
+    rank = np.empty(len(rows), dtype=np.int64)
+    rank[order] = np.arange(len(rows))
+    k = o.k if o.k is not None else max(1, round(o.fraction * len(rows)))
+    selected = rank < min(k, len(rows))
+
+    clf_stats = json.loads((Path(classifier) / "stats.json").read_text())
+    accuracy = {i: clf_stats["per_class_accuracy"].get(name) for i, name in enumerate(clf.class_names)}
+    n_images = np.zeros(len(rows), dtype=np.int64)
+    n_images[selected] = images_per_seed(labels[selected], accuracy, o.images_per_seed, o.budget)
+
+    captions, caption_model = _captions(o, rows, selected)
+    variants, variants_model = _variants(o, rows, captions, selected, n_images, seed)
+
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        records = [
+            {
+                "real_id": r["real_id"],
+                "label": r["label"],
+                "label_name": r["label_name"],
+                "marginal_score": float(scores[i]),
+                "rank": int(rank[i]),
+                "selected": bool(selected[i]),
+                "n_images": int(n_images[i]),
+                "caption": captions[i],
+                "caption_model": caption_model if selected[i] else None,
+                "variants": variants.get(i),
+                "variants_model": variants_model if i in variants else None,
+            }
+            for i, r in enumerate(rows)
+        ]
+        pq.write_table(pa.Table.from_pylist(records, schema=SEEDS_SCHEMA), tmp / "seeds.parquet", compression="zstd")
+        per_class = {
+            name: {
+                "selected": int(selected[labels == c].sum()),
+                "images": int(n_images[labels == c].sum()),
+                "classifier_accuracy": accuracy.get(c),
+            }
+            for c, name in enumerate(clf.class_names)
+        }
+        stats = {
+            "stage": "seeds",
+            "real_train": len(rows),
+            "selected": int(selected.sum()),
+            "images_planned": int(n_images.sum()),
+            "mean_marginal_score": {
+                "selected": round(float(scores[selected].mean()), 4) if selected.any() else None,
+                "all": round(float(scores.mean()), 4) if len(rows) else None,
+            },
+            "per_class": per_class,
+            "caption_source": o.caption_source,
+            "caption_model": caption_model,
+            "perturb_model": variants_model,
+            "unparsed_variants": sum(not v["parsed"] for vs in variants.values() for v in vs),
+        }
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    swap_into_place(tmp, out)
+    return stats
+
+
+def _captions(o: SeedsOptions, rows: list[dict], selected: np.ndarray) -> tuple[list[str | None], str | None]:
+    """The raw caption of each selected seed: its class name, the dataset's caption, or a captioning model's."""
+    if o.caption_source == "class_name":
+        return [r["label_name"] if s else None for r, s in zip(rows, selected, strict=True)], None
+    if o.caption_source == "column":
+        missing = [r["real_id"] for r, s in zip(rows, selected, strict=True) if s and not r["caption"]]
+        if missing:
+            raise BadInput(
+                f"seeds.caption_source=column: {len(missing)} selected real images have no caption (e.g. {missing[0]})"
+            )
+        return [r["caption"] if s else None for r, s in zip(rows, selected, strict=True)], None
+    from synthforge.vision.captions import ImageCaptioner
+
+    captioner = ImageCaptioner(o.caption_model, param="seeds.caption_model")
+    idx = np.flatnonzero(selected)
+    made = captioner.caption([rows[i]["image"] for i in idx])
+    captions: list[str | None] = [None] * len(rows)
+    for i, text in zip(idx, made, strict=True):
+        captions[i] = text
+    return captions, captioner.model_id
+
+
+def _variants(o, rows, captions, selected, n_images, seed) -> tuple[dict[int, list[dict]], str | None]:
+    """m perturbed captions per selected seed (GenDataAgent 2.3), when a perturbation model is configured."""
+    if not o.perturb_model:
+        return {}, None
+    from synthforge.vision.captions import CaptionPerturber
+
+    perturber = CaptionPerturber(o.perturb_model, max_words=o.max_words, param="seeds.perturb_model")
+    idx = [int(i) for i in np.flatnonzero(selected)]
+    m = int(n_images.max()) if idx else 0
+    made = perturber.perturb([(rows[i]["label_name"], captions[i] or rows[i]["label_name"]) for i in idx], m, seed)
+    out = {
+        i: [{"text": v.text, "raw": v.raw, "parsed": v.parsed} for v in variants[: int(n_images[i])]]
+        for i, variants in zip(idx, made, strict=True)
+    }
+    return out, perturber.model_id
