@@ -245,8 +245,9 @@ def test_parse_cuts_long_versions_to_max_words_without_a_dangling_word():
             ["a dog running in the park", "a dog sitting by a lake"],
         ),
         ("1. a dog in the park\n2. a dog in the park.\n3. 'A dog in the park'", ["a dog in the park"]),  # repeats count once
+        ("2. a dog in the park\n3) a dog by a lake", ["a dog in the park", "a dog by a lake"]),  # not from 1: lines
     ],
-    ids=["inline-numbers", "version-labels", "bullets", "lines-with-chatter", "repeats"],
+    ids=["inline-numbers", "version-labels", "bullets", "lines-with-chatter", "repeats", "not-from-one"],
 )
 def test_parse_list_shapes(answer, expected):
     assert parse_versions(answer, CLASS, CAPTION, max_words=10) == expected
@@ -382,6 +383,17 @@ def test_unparseable_output_keeps_the_raw_caption(mute_lm_dir, monkeypatch):
     assert calls == [1, 3, 3]  # one answer each, then two rounds of 3 more samples before giving up
 
 
+def test_unreachable_hub_model_is_bad_input(monkeypatch):
+    import huggingface_hub
+
+    def offline(repo_id, **_):
+        raise OSError(f"Cannot resolve revision 'main' for model {repo_id!r}: the Hub could not be reached")
+
+    monkeypatch.setattr(huggingface_hub, "resolve_revision", offline)
+    with pytest.raises(BadInput, match=r"seeds\.captions\.model: someone/blip: .*cannot be resolved: .*could not be reached"):
+        ImageCaptioner("someone/blip")
+
+
 def test_bad_inputs_name_the_param(tmp_path, plain_perturber):
     missing = tmp_path / "no-such-model"
     with pytest.raises(BadInput, match=rf"seeds\.perturb\.model: {re.escape(str(missing))}: no such directory"):
@@ -390,6 +402,8 @@ def test_bad_inputs_name_the_param(tmp_path, plain_perturber):
         ImageCaptioner(str(missing))
     with pytest.raises(BadInput, match=r"my\.key: .*no config\.json"):
         CaptionPerturber(str(tmp_path), param="my.key")
+    with pytest.raises(BadInput, match=r"seeds\.perturb\.model: not/a/hub-id: no such directory \(and not a hub id"):
+        CaptionPerturber("not/a/hub-id")
     with pytest.raises(BadInput, match=r"seeds\.perturb\.m: must be >= 1"):
         plain_perturber.perturb(ITEMS, m=0, seed=0)
     with pytest.raises(BadInput, match=r"seed 1 \('robin'\) has an empty caption"):

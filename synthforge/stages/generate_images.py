@@ -55,7 +55,7 @@ def run_generate_images(
         "generate", {"generate": section, "generator": params.get("generator"), "seed": params["seed"]}, inputs
     )
     run_id = uuid.uuid4().hex[:12]
-    gen_params = gen.params() if hasattr(gen, "params") else {}
+    gen_params = gen.params()
     template = getattr(getattr(gen, "options", None), "prompt_template", None)
     prompt_hash = sha256_hex(template) if template else None
     method = f"{family.name}-img2img" if gen_params.get("strength") is not None else family.name

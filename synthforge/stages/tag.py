@@ -97,7 +97,13 @@ class ImageTagStage(StageBase):
             raise BadInput(
                 f"{params_file}: tag: need 0 <= medium_min_score <= easy_min_score <= 1, got {self.medium}, {self.easy}"
             )
-        self._metrics = {"difficulty": {d: 0 for d in ("easy", "medium", "hard", "adversarial")}}
+        self._metrics = {"difficulty": {d: 0 for d in ("easy", "medium", "hard", "adversarial")}, "recognised": 0, "tagged": 0}
+
+    def metrics(self) -> dict[str, Any]:
+        m = dict(self._metrics)
+        # How often the reference classifier reads a synthetic image as the class it was generated for.
+        m["recognised_fraction"] = round(m["recognised"] / m["tagged"], 4) if m["tagged"] else None
+        return m
 
     def classify(self, score: float, predicted: str, confidence: float, label: str) -> tuple[str, str]:
         if predicted != label and confidence >= self.adversarial:
@@ -126,6 +132,8 @@ class ImageTagStage(StageBase):
             extra = [f"difficulty:{level}", f"method:{prov['generation']['method']}", f"label:{label_name}"]
             prov["tags"] = sorted(set(prov.get("tags") or []) | set(extra))
             self._metrics["difficulty"][level] += 1
+            self._metrics["recognised"] += top == row["label"]
+            self._metrics["tagged"] += 1
         return rows, []
 
 

@@ -77,9 +77,10 @@ def render_prompt(tokenizer: Any, class_name: str, caption: str, m: int) -> str:
 # An item marker: "1." "2)" "3:" "(4)" "Version 5:" "**6.**" at the start of a line or after whitespace.
 _MARKER = re.compile(r"(?:(?<=\s)|^)(?:\*\*)?(?:(?:version|option)\s*)?\(?(\d{1,2})[.):](?:\*\*)?(?=\s)", re.IGNORECASE)
 _BULLET = re.compile(r"^\s*(?:[-*•·]|\u2013|\u2014)\s+")
+_LEADING_NUMBER = re.compile(r"^\(?\d{1,2}[.):]+\s*")  # a numbered line outside a 1, 2, 3 list ("2. ..." alone)
 # Lines that talk about the answer instead of being one (only filtered when the versions are not numbered).
 _CHATTER = re.compile(
-    r"^(?:sure|certainly|of course|okay|ok|here (?:are|is)|i\b|i'm|i've|i'd|as an ai|note\b|hope\b|these versions|let me)",
+    r"^(?:sure|certainly|of course|okay|ok|here (?:are|is)|i|i'm|i've|i'd|as an ai|note|hope|these versions|let me)\b",
     re.IGNORECASE,
 )
 _QUOTES = "\"'`“”‘’«»"
@@ -92,15 +93,18 @@ def parse_versions(output: str, class_name: str, caption: str, max_words: int) -
     """The usable scene descriptions in one model answer, in order, each cut to max_words words.
 
     Takes a numbered list when there is one (1., 2., 3. ... consecutive, on separate lines or inline), else the
-    bulleted lines, else every line that is not chatter ("Sure! Here are 5 versions:"). Repeats of the prompt's
-    "a photo of X, which is" prefix, quotes, markdown, trailing notes in parentheses and final punctuation are
-    removed. Empty results, repeats, and the original caption itself (no perturbation at all) are dropped.
+    bulleted lines, else every line that is not chatter ("Sure! Here are 5 versions:"), less a leading number.
+    Repeats of the prompt's "a photo of X, which is" prefix, quotes, markdown, trailing notes in parentheses and
+    final punctuation are removed. Empty results, repeats, and the original caption itself (no perturbation at
+    all) are dropped.
     """
     candidates = _numbered_items(output)
     if candidates is None:
         lines = [line.strip() for line in output.splitlines() if line.strip()]
         bullets = [_BULLET.sub("", line) for line in lines if _BULLET.match(line)]
-        candidates = bullets or [line for line in lines if not line.endswith(":") and not _CHATTER.match(line)]
+        candidates = bullets or [
+            _LEADING_NUMBER.sub("", line) for line in lines if not line.endswith(":") and not _CHATTER.match(line)
+        ]
 
     original = _normalise(caption)
     seen: set[str] = set()
@@ -206,6 +210,7 @@ class CaptionPerturber:
         self._model.to(self.device).eval()
 
     def prompt(self, class_name: str, caption: str, m: int) -> str:
+        """The text the model is given for one seed (see render_prompt)."""
         return render_prompt(self._tokenizer, class_name, caption, m)
 
     def perturb(self, items: list[tuple[str, str]], m: int, seed: int) -> list[list[CaptionVariant]]:
@@ -274,9 +279,8 @@ class CaptionPerturber:
         import torch
 
         # A chat template writes its own BOS and special tokens; a plain prompt gets the tokenizer's usual ones.
-        batch = self._tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not self.uses_chat_template).to(
-            self.device
-        )
+        add_special = not self.uses_chat_template
+        batch = self._tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special).to(self.device)
         with torch.inference_mode():
             out = self._model.generate(
                 **batch,

@@ -185,7 +185,7 @@ def train_classifier(options: ClassifierOptions, real: str | Path, out: str | Pa
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
-                    total += float(loss) * len(idx)
+                    total += loss.item() * len(idx)
                 sched.step()
                 losses.append(round(total / len(order), 5))
                 if epoch in save_at:

@@ -149,8 +149,9 @@ def _probe_count(n_bits: int, radius: int) -> int:
     return sum(comb(n_bits, k) for k in range(min(radius, n_bits) + 1))
 
 
-def _chunk_bounds(n_bits: int, n_chunks: int) -> np.ndarray:
-    return (np.arange(n_chunks + 1) * n_bits) // n_chunks
+def _chunk_widths(n_bits: int, n_chunks: int) -> list[int]:
+    """Bits per chunk when chunk c takes bits c, c + n_chunks, c + 2 * n_chunks, ... (see MultiIndexHash)."""
+    return [len(range(c, n_bits, n_chunks)) for c in range(n_chunks)]
 
 
 def _choose_chunks(n_bits: int, max_distance: int, n_items: int) -> int:
@@ -164,10 +165,10 @@ def _choose_chunks(n_bits: int, max_distance: int, n_items: int) -> int:
     fewest = max(1, -(-n_bits // 64))  # a chunk's key is one uint64
     best, best_cost = fewest, float("inf")
     for m in range(fewest, max(max_distance + 1, fewest) + 1):
-        widths = np.diff(_chunk_bounds(n_bits, m))
+        widths = _chunk_widths(n_bits, m)
         radius = max_distance // m
-        probes = [_probe_count(int(b), radius) for b in widths]
-        cost = sum(p * (_PROBE_COST + n_items / 2.0 ** int(b)) for p, b in zip(probes, widths, strict=True))
+        probes = [_probe_count(b, radius) for b in widths]
+        cost = sum(p * (_PROBE_COST + n_items / 2.0**b) for p, b in zip(probes, widths, strict=True))
         if cost < best_cost and max(probes) <= _MAX_PROBES:
             best, best_cost = m, cost
     return best
@@ -203,7 +204,9 @@ class MultiIndexHash:
     hashes within max_distance are within max_distance // m of each other on at least one chunk, so probing
     each chunk's values with every flip of at most that many bits finds every candidate.
     Bits equal in every indexed hash (padding, phash's DC bit) carry no information and are left out of the
-    chunks: the pigeonhole argument holds on any subset of the bits.
+    chunks: the pigeonhole argument holds on any subset of the bits. The rest are dealt out in turn (chunk c
+    takes the c-th, (c + m)-th, ... of them), because neighbouring bits (nearby DCT coefficients, adjacent
+    pixel differences) are correlated: contiguous chunks of digit phashes gave twice the candidates.
     """
 
     def __init__(self, hashes: np.ndarray, max_distance: int, n_chunks: int | None = None):
@@ -213,35 +216,34 @@ class MultiIndexHash:
         self.max_distance = int(max_distance)
 
         varying = np.bitwise_or.reduce(self.hashes, axis=0) & ~np.bitwise_and.reduce(self.hashes, axis=0)
-        self._bit_positions = np.flatnonzero(_unpack_bits(varying[None, :])[0])
-        n_bits = len(self._bit_positions)
+        varying_bits = np.flatnonzero(_unpack_bits(varying[None, :])[0])
+        n_bits = len(varying_bits)
         fewest = max(1, -(-n_bits // 64))  # a chunk's value is one uint64
         if n_chunks is None:
             n_chunks = _choose_chunks(n_bits, self.max_distance, len(self.hashes))
         elif not fewest <= n_chunks <= max(self.max_distance + 1, fewest):
             raise BadInput(f"n_chunks={n_chunks} must be between {fewest} and {max(self.max_distance + 1, fewest)}")
-        self._bounds = _chunk_bounds(n_bits, n_chunks)
+        self._chunk_bits = [varying_bits[c::n_chunks] for c in range(n_chunks)]  # bit positions per chunk
         self.radius = self.max_distance // n_chunks  # per-chunk search radius
-        widths = np.diff(self._bounds)
-        if max(_probe_count(int(b), self.radius) for b in widths) > _MAX_PROBES:
+        widths = [len(bits) for bits in self._chunk_bits]
+        if max(_probe_count(b, self.radius) for b in widths) > _MAX_PROBES:
             raise BadInput(f"n_chunks={n_chunks} needs more than {_MAX_PROBES:,} probes per chunk; use more chunks")
-        self._masks = [_flip_masks(int(b), self.radius) for b in widths]
+        self._masks = [_flip_masks(b, self.radius) for b in widths]
         self._keys = self._chunk_keys(self.hashes)  # N x n_chunks
-        self._tables = [_ChunkTable(self._keys[:, c], int(b)) for c, b in enumerate(widths)]
+        self._tables = [_ChunkTable(self._keys[:, c], b) for c, b in enumerate(widths)]
 
     @property
     def n_chunks(self) -> int:
-        return len(self._bounds) - 1
+        return len(self._chunk_bits)
 
     def _chunk_keys(self, hashes: np.ndarray) -> np.ndarray:
         """Value of each chunk's bits for each hash, as uint64 (chunk bits in the low bits), N x n_chunks."""
         keys = np.empty((len(hashes), self.n_chunks), dtype=np.uint64)
         for row in range(0, len(hashes), _ROW_BLOCK):
-            selected = _unpack_bits(hashes[row : row + _ROW_BLOCK])[:, self._bit_positions]
-            for c in range(self.n_chunks):
-                lo, hi = self._bounds[c], self._bounds[c + 1]
-                padded = np.zeros((len(selected), 64), dtype=np.uint8)
-                padded[:, 64 - (hi - lo) :] = selected[:, lo:hi]
+            bits = _unpack_bits(hashes[row : row + _ROW_BLOCK])
+            for c, chunk_bits in enumerate(self._chunk_bits):
+                padded = np.zeros((len(bits), 64), dtype=np.uint8)
+                padded[:, 64 - len(chunk_bits) :] = bits[:, chunk_bits]
                 keys[row : row + _ROW_BLOCK, c] = np.packbits(padded, axis=1).view(">u8")[:, 0]
         return keys
 

@@ -220,10 +220,21 @@ class StableDiffusionGenerator:
     def prompt(self, request: ImageRequest) -> str:
         return self.options.prompt(request.class_name, request.caption)
 
+    def params(self) -> dict:
+        """The sampling settings every generated sample records."""
+        o = self.options
+        return {
+            "guidance_scale": o.guidance_scale,
+            "strength": o.strength,
+            "num_inference_steps": o.num_inference_steps,
+            "negative_prompt": o.negative_prompt,
+            "resolution": o.resolution,
+            "prompt_template": o.prompt_template,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
     def generate(self, requests: list[ImageRequest]) -> list[bytes]:
         """PNG bytes per request, in order. Text-to-image and image-to-image requests are batched separately."""
-        from synthforge.progress import progress_bar
-
         use_init = self.options.strength is not None
         groups = {
             "img2img": [i for i, r in enumerate(requests) if use_init and r.init_image is not None],
@@ -231,14 +242,13 @@ class StableDiffusionGenerator:
         }
         out: list[bytes | None] = [None] * len(requests)
         size = self.options.batch_size
-        with progress_bar("generating images (Stable Diffusion)", len(requests)) as advance:
-            for mode, indices in groups.items():
-                for start in range(0, len(indices), size):
-                    chunk = indices[start : start + size]
-                    images = self._run_batch([requests[i] for i in chunk], img2img=mode == "img2img")
-                    for i, png in zip(chunk, images, strict=True):
-                        out[i] = png
-                    advance(len(chunk))
+        # No progress bar of its own: the generate stage shows one, and rich cannot show two at once.
+        for mode, indices in groups.items():
+            for start in range(0, len(indices), size):
+                chunk = indices[start : start + size]
+                images = self._run_batch([requests[i] for i in chunk], img2img=mode == "img2img")
+                for i, png in zip(chunk, images, strict=True):
+                    out[i] = png
         return out  # type: ignore[return-value]
 
     def _run_batch(self, batch: list[ImageRequest], img2img: bool) -> list[bytes]:

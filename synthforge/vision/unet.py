@@ -94,7 +94,7 @@ def _fit(model, params, x, y, steps: int, lr: float, options: UNetOptions, null_
             loss.backward()
             opt.step()
             sched.step()
-            running += float(loss)
+            running += loss.item()
             if step % 50 == 0 or step == steps:
                 curve.append(round(running / (50 if step % 50 == 0 else step % 50), 5))
                 running = 0.0
