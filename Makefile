@@ -21,6 +21,8 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_dedup.py
+	$(BIN)/python benchmarks/bench_vog.py
+	$(BIN)/python benchmarks/bench_image_dedup.py
 
 clean:
-	rm -rf data registry dvc.lock
+	rm -rf data models registry dvc.lock

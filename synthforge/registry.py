@@ -159,7 +159,7 @@ def _published_row(row: dict[str, Any], image: str | None) -> dict[str, Any]:
 
 class Registry:
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # git runs with other working directories (the version tree)
 
     def repo(self, name: str) -> Path:
         if not NAME.match(name):

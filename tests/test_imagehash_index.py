@@ -208,6 +208,8 @@ def test_cluster_near_duplicates_on_a_planted_set():
     np.testing.assert_array_equal(result.reference_match, [-1, -1, -1, -1, -1, -1, -1, 1, -1])
     np.testing.assert_array_equal(result.reference_distance, [-1, -1, -1, -1, -1, -1, -1, 2, -1])
 
+    nothing_close = cluster_near_duplicates(synthetic, 3, reference=random_hashes(rng, 4, 8))
+    assert (nothing_close.reference_match == -1).all() and (nothing_close.reference_distance == -1).all()
     looser = cluster_near_duplicates(synthetic, 4, reference=np.array([r0, r1]))
     assert looser.reference_match[8] == 0 and looser.reference_distance[8] == 4
     without_reference = cluster_near_duplicates(synthetic, 3)

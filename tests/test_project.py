@@ -66,3 +66,15 @@ def test_dvc_repro_reruns_only_what_changed_and_the_demo_publishes_once(fresh_pr
     assert again.returncode == 0, again.stderr
     assert "already published" in again.stdout and "v1.0.0" in again.stdout
     assert (fresh_project / "registry" / "synth-extraction-eval.git").is_dir()
+
+
+def test_init_scaffolds_the_digits_pipeline_by_default_and_names_unknown_ones(tmp_path):
+    out = cli("init", str(tmp_path / "digits"))
+    assert out.returncode == 0, out.stderr
+    dvc_yaml = (tmp_path / "digits" / "dvc.yaml").read_text()
+    for stage in ("real", "classifier", "adapt", "seeds", "generate", "judge", "dedup", "tag", "split"):
+        assert f"  {stage}:" in dvc_yaml
+    assert not (tmp_path / "digits" / "sources").exists()
+    bad = cli("init", str(tmp_path / "other"), "--pipeline", "nope")
+    assert bad.returncode == 2 and "no bundled pipeline 'nope'" in bad.stderr and "text-eval" in bad.stderr
+    assert not (tmp_path / "other").exists()

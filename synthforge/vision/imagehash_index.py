@@ -6,11 +6,12 @@ significant first; padding bits at the end are zero). For hash_size 8 the single
 `int(str(imagehash_obj), 16)`.
 
 Search is multi-index hashing (Norouzi, Punjani and Fleet, "Fast Search in Hamming Space with Multi-Index
-Hashing", CVPR 2012): split the bits into m >= max_distance + 1 disjoint chunks; two hashes within
-max_distance differ in at most max_distance chunks, so by the pigeonhole principle they agree exactly on at
-least one. Candidates are the pairs sharing a chunk value (found by sorting each chunk's values), verified
-by popcount. Exact: it returns precisely the pairs a brute-force all-pairs scan returns. Fast when chunks are
-selective, i.e. when max_distance is small against the hash length (the usual 64-bit phash at distance <= ~10).
+Hashing", CVPR 2012): split the bits into m disjoint chunks; two hashes within max_distance differ by at most
+max_distance // m bits on at least one chunk (pigeonhole). With m = max_distance + 1 that is an exact match
+on some chunk; fewer, longer chunks are searched with every flip of up to max_distance // m bits. Candidates
+come from sorted (or directly tabled) chunk values, in bounded blocks, and are verified by popcount, so the
+result is exactly what a brute-force all-pairs scan returns. The work is sub-quadratic while chunks stay
+selective: 64-bit phash at distance <= ~10 over 10^4..10^6 images; near distance 32 it degrades to all pairs.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ _IMAGEHASH_FUNCTIONS = {"phash": "phash", "dhash": "dhash", "ahash": "average_ha
 _PAIR_BLOCK = 1 << 20
 # Rows unpacked to one byte per bit at once when computing chunk keys.
 _ROW_BLOCK = 1 << 16
-# Cost of one probe (a binary search) in units of one verified candidate, for choosing the chunk count.
+# Cost of one probe (a table lookup or binary search) in verified candidates, for choosing the chunk count.
 _PROBE_COST = 1.0
 # Chunks up to this many bits index their values with a direct table (2**bits entries, 16 MiB at 20).
 _DENSE_WIDTH = 20
@@ -318,10 +319,6 @@ class MultiIndexHash:
         return _sorted_triples(found_q, found_x, found_d)
 
 
-def _ordered(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.minimum(a, b), np.maximum(a, b)
-
-
 def _unpack_bits(words: np.ndarray) -> np.ndarray:
     """uint64 N x W -> uint8 N x 64W of 0/1, most significant bit of each word first."""
     return np.unpackbits(words.astype(">u8").view(np.uint8), axis=1)
@@ -388,7 +385,8 @@ def cluster_near_duplicates(hashes: np.ndarray, max_distance: int, reference: np
             q, x, d = MultiIndexHash(reference, max_distance).query(distinct)
             closest = np.lexsort((x, d, q))
             q, x, d = q[closest], x[closest], d[closest]
-            best = np.r_[True, q[1:] != q[:-1]]
+            best = np.ones(len(q), dtype=bool)  # the first, i.e. closest, match of each query
+            best[1:] = q[1:] != q[:-1]
             match_of_distinct = np.full(len(distinct), -1, dtype=np.int64)
             distance_of_distinct = np.full(len(distinct), -1, dtype=np.int32)
             match_of_distinct[q[best]] = x[best]
