@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 STAGES = ["generated", "judged", "deduped", "tagged", "split"]
 
@@ -93,3 +94,56 @@ def read_rows(stage_dir: Path, kind: str = "samples") -> list[dict]:
 def tree_digest(path: Path) -> dict[str, bytes]:
     """Every file's bytes under path: to prove that a failed command changed nothing."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and ".git" not in p.parts}
+
+
+# -- the digits image pipeline, with small settings, run once per session ---------------------------------------
+
+FAST = {
+    "classifier": {"epochs": 12},
+    "generator": {"unet": {"base_steps": 150, "lora_steps": 30, "batch_size": 64}},
+    "seeds": {"fraction": 0.1},
+    "generate": {"unet": {"sample_steps": 10}},
+}
+
+
+def merge_params(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge_params(base.get(k) or {}, v) if isinstance(v, dict) else v
+    return out
+
+
+def run_image_pipeline(root: Path) -> dict:
+    from synthforge.params import load_params
+    from synthforge.stages.dedup import run_dedup
+    from synthforge.stages.generate_images import run_generate_images
+    from synthforge.stages.judge import run_judge
+    from synthforge.stages.prepare import run_adapt, run_classifier, run_real
+    from synthforge.stages.seeds import run_seeds
+    from synthforge.stages.split import run_split
+    from synthforge.stages.tag import run_tag
+
+    with contextlib.chdir(root):
+        p = load_params("params.yaml")
+        return {
+            "real": run_real(p, "data/real"),
+            "classifier": run_classifier(p, "data/real", "models/classifier"),
+            "adapt": run_adapt(p, "data/real", "models/generator"),
+            "seeds": run_seeds(p, "data/real", "models/classifier", "data/seeds"),
+            "generate": run_generate_images(p, "data/seeds", "data/real", "models/generator", "data/generated"),
+            "judge": run_judge(p, "data/generated", "data/judged"),
+            "dedup": run_dedup(p, "data/judged", "data/deduped"),
+            "tag": run_tag(p, "data/deduped", "data/tagged"),
+            "split": run_split(p, "data/tagged", "data/split"),
+        }
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    from synthforge.project import init_project
+
+    root = init_project(tmp_path_factory.mktemp("digits") / "proj")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(merge_params(params, FAST), sort_keys=False))
+    stats = run_image_pipeline(root)
+    return root, stats

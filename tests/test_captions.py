@@ -487,3 +487,39 @@ def test_unreadable_image_is_bad_input(ved_dir):
     captioner = ImageCaptioner(str(ved_dir), device="cpu", max_new_tokens=2)
     with pytest.raises(BadInput, match=r"image 1: not a readable image"):
         captioner.caption([_pngs()[0], b"not a png"])
+
+
+def test_seeds_stage_perturbs_captions_and_each_image_records_its_variant_and_model(digits, plain_lm_dir, tmp_path):
+    """GenDataAgent 2.3 through the pipeline: m variants per marginal seed, one per generated image, in provenance."""
+    import contextlib
+    import shutil
+
+    import yaml
+    from conftest import read_rows
+
+    from synthforge.params import load_params
+    from synthforge.stages.generate_images import run_generate_images
+    from synthforge.stages.seeds import run_seeds
+
+    root, _ = digits
+    work = tmp_path / "proj"
+    shutil.copytree(root, work, ignore=shutil.ignore_patterns("registry", "generated", "judged", "deduped", "tagged", "split"))
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["seeds"] = {"fraction": None, "k": 3, "images_per_seed": 2, "budget": "uniform", "perturb_model": str(plain_lm_dir)}
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with contextlib.chdir(work):
+        p = load_params("params.yaml")
+        stats = run_seeds(p, "data/real", "models/classifier", "data/seeds")
+        run_generate_images(p, "data/seeds", "data/real", "models/generator", "data/generated")
+    assert stats["perturb_model"] == str(plain_lm_dir)
+    rows = read_rows(work / "data" / "generated")
+    assert len(rows) == 6
+    for row in rows:
+        caption = row["provenance"]["generation"]["caption"]
+        assert caption["raw"] == row["label_name"] and caption["model"] == str(plain_lm_dir)
+        assert caption["parsed"] is not None and 0 < len(caption["perturbed"].split()) <= 10
+        assert row["caption"] == caption["perturbed"]  # the caption the prompt is built from
+    by_seed: dict[str, set] = {}
+    for row in rows:
+        by_seed.setdefault(row["provenance"]["generation"]["parent_ids"][0], set()).add(row["caption"])
+    assert len(by_seed) == 3

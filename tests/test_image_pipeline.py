@@ -13,57 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import cli, read_manifest, read_rows
-
-FAST = {
-    "classifier": {"epochs": 12},
-    "generator": {"unet": {"base_steps": 150, "lora_steps": 30, "batch_size": 64}},
-    "seeds": {"fraction": 0.1},
-    "generate": {"unet": {"sample_steps": 10}},
-}
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(base.get(k) or {}, v) if isinstance(v, dict) else v
-    return out
-
-
-def run_image_pipeline(root: Path) -> dict:
-    from synthforge.params import load_params
-    from synthforge.stages.dedup import run_dedup
-    from synthforge.stages.generate_images import run_generate_images
-    from synthforge.stages.judge import run_judge
-    from synthforge.stages.prepare import run_adapt, run_classifier, run_real
-    from synthforge.stages.seeds import run_seeds
-    from synthforge.stages.split import run_split
-    from synthforge.stages.tag import run_tag
-
-    with contextlib.chdir(root):
-        p = load_params("params.yaml")
-        return {
-            "real": run_real(p, "data/real"),
-            "classifier": run_classifier(p, "data/real", "models/classifier"),
-            "adapt": run_adapt(p, "data/real", "models/generator"),
-            "seeds": run_seeds(p, "data/real", "models/classifier", "data/seeds"),
-            "generate": run_generate_images(p, "data/seeds", "data/real", "models/generator", "data/generated"),
-            "judge": run_judge(p, "data/generated", "data/judged"),
-            "dedup": run_dedup(p, "data/judged", "data/deduped"),
-            "tag": run_tag(p, "data/deduped", "data/tagged"),
-            "split": run_split(p, "data/tagged", "data/split"),
-        }
-
-
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory):
-    from synthforge.project import init_project
-
-    root = init_project(tmp_path_factory.mktemp("digits") / "proj")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, FAST), sort_keys=False))
-    stats = run_image_pipeline(root)
-    return root, stats
+from conftest import FAST, cli, merge_params, read_manifest, read_rows
 
 
 def test_classifier_saves_the_vog_checkpoints_and_per_class_accuracy(digits):
@@ -232,8 +182,8 @@ def test_dvc_repro_runs_the_default_pipeline_and_reruns_only_from_a_changed_stag
     from synthforge.project import init_project
 
     root = init_project(tmp_path / "proj")
-    tiny = _merge(FAST, {"classifier": {"epochs": 3}, "generator": {"unet": {"base_steps": 10, "lora_steps": 5}}})
-    params = _merge(yaml.safe_load((root / "params.yaml").read_text()), tiny)
+    tiny = merge_params(FAST, {"classifier": {"epochs": 3}, "generator": {"unet": {"base_steps": 10, "lora_steps": 5}}})
+    params = merge_params(yaml.safe_load((root / "params.yaml").read_text()), tiny)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 

@@ -295,7 +295,9 @@ def test_hashes_are_imagehash_bits_in_imagehash_order(digit_images, kind, hash_s
             assert int(row[0]) == int(str(expected), 16)
 
 
-def test_bad_image_bytes_name_their_index(digit_images):
+def test_bad_image_bytes_name_their_index(digit_images, monkeypatch):
+    from PIL import Image
+
     good = digit_images[0][0]
     with pytest.raises(ValueError, match=r"^image 1: not a readable image"):
         hash_images([good, b"definitely not a PNG", good])
@@ -305,6 +307,9 @@ def test_bad_image_bytes_name_their_index(digit_images):
         hash_images([None])
     with pytest.raises(ValueError, match=r"^image 1: not a readable image"):
         hash_images([good, good[: len(good) // 2]])  # truncated PNG
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32 x 32 now counts as a decompression bomb
+    with pytest.raises(ValueError, match=r"^image 0: .*decompression bomb"):
+        hash_images([good])
 
 
 def test_bad_hash_settings_raise_bad_input(digit_images):

@@ -62,6 +62,7 @@ def hash_images(images: Iterable[bytes], kind: str = "phash", hash_size: int = 8
     Raises ValueError naming the index of the first image that cannot be decoded; BadInput for a bad kind or size.
     """
     import imagehash
+    from PIL import Image
 
     from synthforge.vision.images import decode_image
 
@@ -81,7 +82,7 @@ def hash_images(images: Iterable[bytes], kind: str = "phash", hash_size: int = 8
             raise ValueError(f"image {index}: no image (null)")
         try:
             image = decode_image(data)
-        except ValueError as exc:
+        except (ValueError, Image.DecompressionBombError) as exc:
             raise ValueError(f"image {index}: {exc}") from None
         bits = hash_function(image, hash_size=hash_size).hash.ravel()
         if bits.size != n_bits:  # guards the packing below against a change in imagehash
