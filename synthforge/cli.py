@@ -135,7 +135,7 @@ _STAGE_COMMANDS = [
         "synthforge.stages.dedup:run_dedup",
         "judged",
         "deduped",
-        "Dedup (text: exact + MinHash LSH; images: perceptual hash, also against real images), recording cluster and representative.",
+        "Dedup (text: exact + MinHash LSH; images: perceptual hash, also against real images) with cluster and representative.",
     ),
     (
         "tag",

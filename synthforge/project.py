@@ -100,8 +100,21 @@ def run_demo(project: Path) -> None:
             str(s["rejected"]),
             ", ".join(f"{k} {v}" for k, v in s["rejected_by"].items()) or "-",
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    _print_image_summary(console, project)
     publish_and_describe(params, project / "data" / "split", None, None, None, project)
+
+
+def _print_image_summary(console, project: Path) -> None:
+    """For image pipelines: how good the reference classifier is, and how often it recognises the synthetic images."""
+    classifier = project / "models" / "classifier" / "stats.json"
+    tagged = project / "data" / "tagged" / "stats.json"
+    if classifier.exists():
+        stats = json.loads(classifier.read_text())
+        console.print(f"reference classifier: {stats['test_accuracy']:.1%} on {stats['test_images']} real test images")
+    if tagged.exists() and (fraction := json.loads(tagged.read_text()).get("recognised_fraction")) is not None:
+        console.print(f"synthetic images the classifier reads as their intended class: {fraction:.1%}")
 
 
 def print_trace(result) -> None:

@@ -28,9 +28,7 @@ CHECK_TYPE = pa.struct(
     ]
 )
 
-CAPTION_TYPE = pa.struct(
-    [("raw", pa.string()), ("perturbed", pa.string()), ("model", pa.string()), ("parsed", pa.bool_())]
-)
+CAPTION_TYPE = pa.struct([("raw", pa.string()), ("perturbed", pa.string()), ("model", pa.string()), ("parsed", pa.bool_())])
 
 VOG_TYPE = pa.struct(
     [
@@ -42,6 +40,7 @@ VOG_TYPE = pa.struct(
         ("normalization", pa.string()),
         ("drop_fraction", pa.float64()),
         ("class_threshold", pa.float64()),
+        ("classifier", pa.string()),
     ]
 )
 

@@ -142,6 +142,11 @@ class ImageDedupStage(StageBase):
             raise BadInput(f"{params_file}: dedup.image.hash: unknown hash {self.kind!r} (known: {', '.join(HASH_KINDS)})")
         self.hash_size = int(section.get("hash_size", 8))
         self.max_distance = int(section.get("max_distance", 4))
+        if self.max_distance >= self.hash_size**2:
+            raise BadInput(
+                f"{params_file}: dedup.image.max_distance: {self.max_distance} must be below the hash length "
+                f"({self.hash_size**2} bits for hash_size {self.hash_size})"
+            )
         self.against_real = section.get("against_real")
         self._ids: list[str] = []
         self._hashes: list[np.ndarray] = []

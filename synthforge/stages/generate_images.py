@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from synthforge.errors import BadInput
 from synthforge.provenance import canonical_json, make_sample_id, new_record, sha256_hex
 from synthforge.stagedir import StageWriter, stage_fingerprint
 from synthforge.vision.generator import ImageRequest
@@ -42,8 +43,15 @@ def run_generate_images(
 
     section = params["generate"]
     seeds, real, generator = Path(seeds), Path(real), Path(generator)
+    if not (seeds / "seeds.parquet").exists():
+        raise BadInput(f"{seeds}: no seeds.parquet (run `synthforge seeds` first)")
     seed_rows = [r for r in pq.read_table(seeds / "seeds.parquet").to_pylist() if r["selected"]]
     real_rows = {r["real_id"]: r for r in read_real(real, "train").to_pylist()}
+    stale = [s["real_id"] for s in seed_rows if s["real_id"] not in real_rows]
+    if stale:
+        raise BadInput(
+            f"{seeds / 'seeds.parquet'}: {len(stale)} seeds (e.g. {stale[0]}) are not in {real}; rerun `synthforge seeds`"
+        )
     info = real_info(real)
     inputs = {
         "seeds": sha256_hex((seeds / "seeds.parquet").read_bytes()),

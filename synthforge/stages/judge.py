@@ -185,7 +185,7 @@ class ImageFormatCheck:
         w, h = img.size
         if min(w, h) < self.o.min_size or (self.o.max_size is not None and max(w, h) > self.o.max_size):
             return result(self.name, False, f"image is {w}x{h}, outside [{self.o.min_size}, {self.o.max_size or 'any'}] pixels")
-        channels = 1 if img.mode in ("L", "I", "I;16", "1") else 3
+        channels = len([b for b in img.getbands() if b != "A"]) if img.mode != "P" else 3  # alpha is not a channel
         if self.o.channels is not None and channels != self.o.channels:
             return result(self.name, False, f"image has {channels} channel(s), expected {self.o.channels} (mode {img.mode})")
         std = float(np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float64).std())
@@ -219,7 +219,7 @@ class VogFilter:
 
     def __init__(self, options: VogOptions, where: str, params_file: str):
         from synthforge.vision import vog
-        from synthforge.vision.classifier import load_classifier
+        from synthforge.vision.classifier import classifier_digest, load_classifier
 
         for key, allowed in (("target", vog.TARGETS), ("direction", vog.DIRECTIONS), ("normalization", vog.NORMALIZATIONS)):
             if getattr(options, key) not in allowed:
@@ -234,6 +234,7 @@ class VogFilter:
         if len(self.checkpoint_names) < 2:
             raise BadInput(f"{params_file}: {where}.checkpoints: VoG needs at least 2 checkpoints, got {self.checkpoint_names}")
         self.models = self.classifier.checkpoints(self.checkpoint_names)
+        self.digest = classifier_digest(options.classifier)
         self._ids: list[str] = []
         self._labels: list[int] = []
         self._scores: list = []
@@ -297,9 +298,9 @@ class VogFilter:
         import json
 
         if row["sample_id"] not in self.decision:
-            return result(self.name, False, "not scored: the image could not be read", parsed=False)
+            return result(self.name, False, "not scored: the sample failed another check", parsed=False)
         score, z, kept, threshold = self.decision[row["sample_id"]]
-        row["provenance"]["vog"] = {"score": score, "normalized": z, **self.settings(threshold)}
+        row["provenance"]["vog"] = {"score": score, "normalized": z, **self.settings(threshold), "classifier": self.digest}
         raw = json.dumps({"vog": score, "normalized": z, "class_threshold": threshold})
         if kept:
             return result(self.name, True, score=z, raw=raw)
@@ -337,8 +338,12 @@ class JudgeStage(StageBase):
         self._metrics = {"failed_by_check": {c.name: 0 for c in checks}}
 
     def observe(self, rows: list[Row]) -> None:
+        # Set-level checks (VoG) see only samples every per-sample check passes: a blank image must not take
+        # the place of a real outlier in a per-class drop quota.
+        row_checks = [c for c in self.checks if c not in self.set_checks]
+        passing = [r for r in rows if all(c.check(r)["verdict"] == "pass" for c in row_checks)]
         for c in self.set_checks:
-            c.observe(rows)
+            c.observe(passing)
 
     def finalize(self) -> None:
         for c in self.set_checks:

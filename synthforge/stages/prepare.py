@@ -6,12 +6,16 @@ written to a temporary folder and renamed into place, like a stage.
 
 from __future__ import annotations
 
+import json
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from synthforge.errors import BadInput
 from synthforge.params import parse_options
+from synthforge.stagedir import swap_into_place
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,7 @@ class Family:
     name: str
     options: type
     module: str
+    sampling: tuple[str, ...]  # the options that belong to generation (generate.<family>), not adaptation
 
     def load_module(self):
         import importlib
@@ -33,8 +38,15 @@ def _families() -> dict[str, Family]:
     from synthforge.vision.unet import UNetOptions
 
     return {
-        "unet": Family("unet", UNetOptions, "synthforge.vision.unet"),
-        "stable_diffusion": Family("stable_diffusion", StableDiffusionOptions, "synthforge.vision.stable_diffusion"),
+        "unet": Family(
+            "unet", UNetOptions, "synthforge.vision.unet", ("sample_steps", "guidance_scale", "strength", "batch_size_generate")
+        ),
+        "stable_diffusion": Family(
+            "stable_diffusion",
+            StableDiffusionOptions,
+            "synthforge.vision.stable_diffusion",
+            ("guidance_scale", "strength", "num_inference_steps", "negative_prompt", "batch_size", "mixed_precision"),
+        ),
     }
 
 
@@ -53,7 +65,15 @@ def family_options(params: dict[str, Any], stage: str) -> tuple[Family, Any]:
     family = families[name]
     raw = dict(section.get(name) or {})
     if stage == "generate":
-        raw.update((params.get("generate") or {}).get(name) or {})
+        sampling = (params.get("generate") or {}).get(name) or {}
+        misplaced = sorted(set(sampling) - set(family.sampling))
+        if misplaced:
+            raise BadInput(
+                f"{params_file}: generate.{name}.{misplaced[0]}: not a sampling option (sampling options: "
+                f"{', '.join(family.sampling)}; adaptation options go in generator.{name})"
+            )
+        parse_options(family.options, {**raw, **sampling}, f"generate.{name}", params_file)  # names generate.* in errors
+        raw.update(sampling)
     return family, parse_options(family.options, raw, f"generator.{name}", params_file)
 
 
@@ -93,8 +113,19 @@ def run_adapt(params: dict[str, Any], real: str | Path, out: str | Path) -> dict
     module = family.load_module()
     seed = int(params["seed"])
     if family.name == "unet":
-        return module.adapt_unet(options, examples, info["class_names"], info["channels"], out, seed)
-    return module.adapt_stable_diffusion(options, examples, Path(out), seed)
+        return module.adapt_unet(options, examples, info["class_names"], info["channels"], out, seed, info["digest"])
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        meta = module.adapt_stable_diffusion(options, examples, tmp, seed)
+        meta = {**meta, "class_names": info["class_names"], "real_digest": info["digest"]}
+        (tmp / "generator.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    swap_into_place(tmp, out)
+    return meta
 
 
 def load_generator(params: dict[str, Any], model_dir: str | Path):

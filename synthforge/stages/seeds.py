@@ -47,7 +47,7 @@ SEEDS_SCHEMA = pa.schema(
 @dataclass
 class SeedsOptions:
     k: int | None = None  # the k lowest-scoring real images; or
-    fraction: float | None = 0.2  # this fraction of the training set (GenDataAgent: 1/5, 1/4, 1/2)
+    fraction: float | None = None  # this fraction of the training set (GenDataAgent: 1/5, 1/4, 1/2); 0.2 if neither
     images_per_seed: int = 4  # m: images (caption variants) per seed
     budget: str = "uniform"  # uniform: m per seed; accuracy: classes the classifier gets wrong more get more
     caption_source: str = "class_name"  # class_name | column (the real data's captions) | model (a captioning model)
@@ -58,7 +58,9 @@ class SeedsOptions:
 
 def _validate(o: SeedsOptions, params_file: str) -> None:
     where = f"{params_file}: seeds"
-    if (o.k is None) == (o.fraction is None):
+    if o.k is None and o.fraction is None:
+        o.fraction = 0.2
+    if o.k is not None and o.fraction is not None:
         raise BadInput(f"{where}: give exactly one of k and fraction (k={o.k}, fraction={o.fraction})")
     if o.fraction is not None and not 0 < o.fraction <= 1:
         raise BadInput(f"{where}.fraction: must be in (0, 1], got {o.fraction}")
@@ -87,8 +89,8 @@ def images_per_seed(labels: np.ndarray, per_class_accuracy: dict[int, float | No
 
 
 def run_seeds(params: dict[str, Any], real: str | Path, classifier: str | Path, out: str | Path) -> dict[str, Any]:
-    from synthforge.vision.classifier import load_classifier, marginal_scores
-    from synthforge.vision.real import read_real
+    from synthforge.vision.classifier import classifier_digest, load_classifier, marginal_scores
+    from synthforge.vision.real import read_real, real_info
 
     params_file = params.get("__file__", "params.yaml")
     o = parse_options(SeedsOptions, params.get("seeds") or {}, "seeds", params_file)
@@ -97,6 +99,11 @@ def run_seeds(params: dict[str, Any], real: str | Path, classifier: str | Path, 
     clf = load_classifier(classifier)
     table = read_real(Path(real), "train")
     rows = table.to_pylist()
+    real_classes = real_info(Path(real))["class_names"]
+    if real_classes != clf.class_names:
+        raise BadInput(
+            f"{classifier}: trained on classes {clf.class_names}, but {real} has {real_classes}; retrain the classifier"
+        )
     labels = np.asarray([r["label"] for r in rows], dtype=np.int64)
     scores = marginal_scores(clf.probabilities([r["image"] for r in rows]), labels)
     order = np.lexsort((np.arange(len(rows)), scores))  # lowest score first, ties by input order
@@ -105,7 +112,7 @@ def run_seeds(params: dict[str, Any], real: str | Path, classifier: str | Path, 
     k = o.k if o.k is not None else max(1, round(o.fraction * len(rows)))
     selected = rank < min(k, len(rows))
 
-    clf_stats = json.loads((Path(classifier) / "stats.json").read_text())
+    clf_stats = json.loads((Path(classifier) / "stats.json").read_text())  # load_classifier checked the folder
     accuracy = {i: clf_stats["per_class_accuracy"].get(name) for i, name in enumerate(clf.class_names)}
     n_images = np.zeros(len(rows), dtype=np.int64)
     n_images[selected] = images_per_seed(labels[selected], accuracy, o.images_per_seed, o.budget)
@@ -156,6 +163,8 @@ def run_seeds(params: dict[str, Any], real: str | Path, classifier: str | Path, 
             "caption_model": caption_model,
             "perturb_model": variants_model,
             "unparsed_variants": sum(not v["parsed"] for vs in variants.values() for v in vs),
+            "classifier": {"path": str(classifier), "digest": classifier_digest(classifier)},
+            "options": {k: getattr(o, k) for k in o.__dataclass_fields__},
         }
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     except BaseException:

@@ -29,8 +29,9 @@ def group_key(row: Row, group_by: str) -> str:
 
 
 def leakage_fields(params: dict[str, Any]) -> list[str] | None:
-    """The text fields that must not repeat across splits: split.leakage_fields, else what dedup compares."""
-    return (params.get("split") or {}).get("leakage_fields") or (params.get("dedup") or {}).get("fields")
+    """The fields that must not repeat across splits: split.leakage_fields, else what dedup compares."""
+    dedup = params.get("dedup") or {}
+    return (params.get("split") or {}).get("leakage_fields") or dedup.get("fields") or (["image"] if "image" in dedup else None)
 
 
 def text_key(row: Row, fields: list[str]) -> str:

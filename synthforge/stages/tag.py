@@ -118,6 +118,10 @@ class ImageTagStage(StageBase):
         probs = self.classifier.probabilities([r["image"] for r in rows])
         names = self.classifier.class_names
         for row, p in zip(rows, probs, strict=True):
+            if not 0 <= row["label"] < len(names):
+                raise BadInput(
+                    f"sample {row['sample_id']}: label {row['label']} is not one of the classifier's {len(names)} classes"
+                )
             top = int(p.argmax())
             label_name = names[row["label"]]
             f = {

@@ -160,8 +160,10 @@ def train_classifier(options: ClassifierOptions, real: str | Path, out: str | Pa
     channels = info["channels"]
     x_train = to_tensor(train.column("image").to_pylist(), channels, size)
     y_train = torch.tensor(train.column("label").to_pylist())
-    x_test = to_tensor(test.column("image").to_pylist(), channels, size)
-    y_test = np.asarray(test.column("label").to_pylist())
+    x_test = (
+        to_tensor(test.column("image").to_pylist(), channels, size) if test.num_rows else torch.zeros(0, channels, size, size)
+    )
+    y_test = np.asarray(test.column("label").to_pylist(), dtype=np.int64)
     classes = info["class_names"]
 
     torch.manual_seed(seed)

@@ -55,6 +55,25 @@ class UNetOptions:
     strength: float | None = 0.9  # image-to-image noise level on the real seed; None = from pure noise
     batch_size_generate: int = 256
 
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> BadInput:
+            return BadInput(f"generator.unet.{key}: {why}, got {getattr(self, key)!r}")
+
+        if len(self.block_out_channels) < 2 or any(c < 1 for c in self.block_out_channels):
+            raise bad("block_out_channels", "need at least 2 positive channel counts")
+        for key in ("layers_per_block", "batch_size", "train_timesteps", "lora_rank", "lora_alpha", "sample_steps"):
+            if getattr(self, key) < 1:
+                raise bad(key, "must be at least 1")
+        for key in ("base_steps", "lora_steps"):
+            if getattr(self, key) < 0:
+                raise bad(key, "must not be negative")
+        if self.strength is not None and not 0 < self.strength <= 1:
+            raise bad("strength", "must be in (0, 1] (or null for generation from noise)")
+        if self.guidance_scale < 1:
+            raise bad("guidance_scale", "must be at least 1 (1 = no classifier-free guidance)")
+        if not 0 <= self.cfg_dropout < 1:
+            raise bad("cfg_dropout", "must be in [0, 1)")
+
 
 def _hash_dir(path: Path) -> str:
     return sha256_hex(b"".join(p.name.encode() + p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()))
@@ -104,7 +123,13 @@ def _fit(model, params, x, y, steps: int, lr: float, options: UNetOptions, null_
 
 
 def adapt_unet(
-    options: UNetOptions, examples: list[RealExample], class_names: list[str], channels: int, out: str | Path, seed: int
+    options: UNetOptions,
+    examples: list[RealExample],
+    class_names: list[str],
+    channels: int,
+    out: str | Path,
+    seed: int,
+    real_digest: str | None = None,
 ) -> dict[str, Any]:
     """Train (or load) the base UNet, fit a LoRA adapter on the real images, write models/generator atomically."""
     import torch
@@ -114,7 +139,9 @@ def adapt_unet(
     if not examples:
         raise BadInput("generator: no real training images to adapt on")
     out = Path(out)
-    size = max(_image_side(e.image) for e in examples)
+    # The UNet halves the image once per block after the first: round the side up so the skips line up.
+    factor = 2 ** (len(options.block_out_channels) - 1)
+    size = -(-max(_image_side(e.image) for e in examples) // factor) * factor
     x, y = _train_tensors(examples, channels, size)
     null_class = len(class_names)
     torch.manual_seed(seed)
@@ -172,6 +199,7 @@ def adapt_unet(
             "base_loss": base_curve,
             "lora_loss": lora_curve,
             "trained_on": len(examples),
+            "real_digest": real_digest,
         }
         (tmp / "generator.json").write_text(json.dumps(meta, indent=2) + "\n")
     except BaseException:
