@@ -68,11 +68,12 @@ def run_generate_images(
     prompt_hash = sha256_hex(template) if template else None
     method = f"{family.name}-img2img" if gen_params.get("strength") is not None else family.name
 
-    planned = []  # (seed row, variant index, request)
+    planned = []  # (seed row, its caption variant or None, variant index, request)
     for s in seed_rows:
         variants = s["variants"] or []
         for v in range(s["n_images"]):
-            caption = variants[v]["text"] if v < len(variants) else s["caption"]
+            variant = variants[v] if v < len(variants) else None
+            caption = variant["text"] if variant else s["caption"]
             request = ImageRequest(
                 label=s["label"],
                 class_name=s["label_name"],
@@ -80,7 +81,7 @@ def run_generate_images(
                 caption=caption,
                 init_image=real_rows[s["real_id"]]["image"],
             )
-            planned.append((s, v, request))
+            planned.append((s, variant, v, request))
 
     batch_size = int(section.get("batch_size", 256))
     with (
@@ -89,11 +90,10 @@ def run_generate_images(
     ):
         for b, start in enumerate(range(0, len(planned), batch_size)):
             batch = planned[start : start + batch_size]
-            images = gen.generate([req for _, _, req in batch])
+            images = gen.generate([req for *_, req in batch])
             batch_id = f"{fingerprint['fingerprint'][:8]}-{method}-{b:04d}"
             rows = []
-            for (s, v, req), png in zip(batch, images, strict=True):
-                variant = (s["variants"] or [None] * (v + 1))[v] if v < len(s["variants"] or []) else None
+            for (s, variant, v, req), png in zip(batch, images, strict=True):
                 # The id comes from the request, not the PNG bytes: float rounding can differ by batch size.
                 origin = {"method": method, "real_id": s["real_id"], "variant": v, "adapter": gen.adapter_hash}
                 sid = make_sample_id(origin, {"image_seed": req.seed, "label": req.label, "caption": req.caption})
