@@ -12,6 +12,7 @@ everything is written, so a crash leaves the previous output (or nothing) and ne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -299,6 +300,22 @@ class StageWriter:
     @property
     def stats(self) -> dict[str, Any]:
         return json.loads((self.out / "stats.json").read_text())
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path) -> Iterator[Path]:
+    """A temporary folder beside `out` to write into: it replaces `out` when the block ends, and is removed
+    (leaving `out` as it was) when the block fails."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    swap_into_place(tmp, out)
 
 
 def swap_into_place(new: Path, out: Path) -> None:

@@ -30,6 +30,18 @@ def isolated_cache(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny torch models (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): threads
+    only add OpenMP spin-waits, which make a step 8-100x slower on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run_pipeline(project: Path, params_file: str = "params.yaml", data: str = "data") -> dict[str, dict]:
     """Run the five stages through the library, as `dvc repro` would through the CLI."""
     from synthforge.params import load_params

@@ -73,13 +73,7 @@ def reference_vog(models, images, labels, target) -> np.ndarray:
     return np.array(scores)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These models are tiny: threads only add OpenMP spin-waits, which cost 10-30x on a loaded 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,13 @@ written to a temporary folder and renamed into place, like a stage.
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from synthforge.errors import BadInput
 from synthforge.params import parse_options
-from synthforge.stagedir import swap_into_place
+from synthforge.stagedir import atomic_dir
 
 
 @dataclass(frozen=True)
@@ -115,16 +113,10 @@ def run_adapt(params: dict[str, Any], real: str | Path, out: str | Path) -> dict
     if family.name == "unet":
         return module.adapt_unet(options, examples, info["class_names"], info["channels"], out, seed, info["digest"])
     out = Path(out)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         meta = module.adapt_stable_diffusion(options, examples, tmp, seed)
         meta = {**meta, "class_names": info["class_names"], "real_digest": info["digest"]}
         (tmp / "generator.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    swap_into_place(tmp, out)
     return meta
 
 

@@ -12,8 +12,6 @@ Every real image is kept in the table (selected or not) so the choice can be ins
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import pyarrow.parquet as pq
 
 from synthforge.errors import BadInput
 from synthforge.params import parse_options
-from synthforge.stagedir import swap_into_place
+from synthforge.stagedir import atomic_dir
 
 VARIANT_TYPE = pa.struct([("text", pa.string()), ("raw", pa.string()), ("parsed", pa.bool_())])
 SEEDS_SCHEMA = pa.schema(
@@ -121,9 +119,7 @@ def run_seeds(params: dict[str, Any], real: str | Path, classifier: str | Path, 
     variants, variants_model = _variants(o, rows, captions, selected, n_images, seed)
 
     out = Path(out)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         records = [
             {
                 "real_id": r["real_id"],
@@ -167,10 +163,6 @@ def run_seeds(params: dict[str, Any], real: str | Path, classifier: str | Path, 
             "options": {k: getattr(o, k) for k in o.__dataclass_fields__},
         }
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    swap_into_place(tmp, out)
     return stats
 
 

@@ -14,7 +14,6 @@ final model, as safetensors beside a `config.json`; its per-class accuracy on th
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,7 @@ import numpy as np
 
 from synthforge.errors import BadInput
 from synthforge.progress import progress_bar
-from synthforge.stagedir import swap_into_place
+from synthforge.stagedir import atomic_dir
 
 if TYPE_CHECKING:
     import torch
@@ -172,10 +171,8 @@ def train_classifier(options: ClassifierOptions, real: str | Path, out: str | Pa
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=options.epochs)
     save_at = {round(options.epochs * (k + 1) / options.checkpoints) for k in range(options.checkpoints)}
     rng = torch.Generator().manual_seed(seed)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
     checkpoints, losses = [], []
-    try:
+    with atomic_dir(out) as tmp:
         with progress_bar("classifier: epochs", options.epochs) as advance:
             for epoch in range(1, options.epochs + 1):
                 model.train()
@@ -225,10 +222,4 @@ def train_classifier(options: ClassifierOptions, real: str | Path, out: str | Pa
             "checkpoints": checkpoints,
         }
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    swap_into_place(tmp, out)
     return stats

@@ -17,8 +17,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ import pyarrow.parquet as pq
 
 from synthforge.errors import BadInput
 from synthforge.provenance import canonical_json, make_sample_id, sha256_hex
-from synthforge.stagedir import swap_into_place
+from synthforge.stagedir import atomic_dir
 from synthforge.vision.images import decode_image, encode_png
 
 if TYPE_CHECKING:
@@ -578,14 +576,7 @@ def _class_counts(table: pa.Table, class_names: list[str]) -> dict[str, int]:
 
 
 def _write_atomically(out: Path, tables: dict[str, pa.Table], info: dict[str, Any]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         for split in SPLITS:
             pq.write_table(tables[split], tmp / f"{split}.parquet", compression="zstd")
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

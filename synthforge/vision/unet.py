@@ -16,8 +16,6 @@ image noised to `strength` (the Real-Fake / GenDataAgent latent prior), from pur
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from synthforge.errors import BadInput
 from synthforge.progress import progress_bar
 from synthforge.provenance import sha256_hex
-from synthforge.stagedir import swap_into_place
+from synthforge.stagedir import atomic_dir
 from synthforge.vision.generator import ImageRequest, RealExample
 
 if TYPE_CHECKING:
@@ -145,9 +143,7 @@ def adapt_unet(
     x, y = _train_tensors(examples, channels, size)
     null_class = len(class_names)
     torch.manual_seed(seed)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         if options.base:
             base_path = Path(options.base)
             if not (base_path / "config.json").exists():
@@ -202,10 +198,6 @@ def adapt_unet(
             "real_digest": real_digest,
         }
         (tmp / "generator.json").write_text(json.dumps(meta, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    swap_into_place(tmp, out)
     return meta
 
 
