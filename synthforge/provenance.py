@@ -25,6 +25,8 @@ CHECK_TYPE = pa.struct(
         ("reason", pa.string()),
         ("raw_output", pa.string()),
         ("parsed", pa.bool_()),
+        ("judged_by", pa.string()),
+        ("difficulty", pa.string()),
     ]
 )
 
@@ -41,6 +43,19 @@ VOG_TYPE = pa.struct(
         ("drop_fraction", pa.float64()),
         ("class_threshold", pa.float64()),
         ("classifier", pa.string()),
+    ]
+)
+
+CONTAMINATION_TYPE = pa.struct(
+    [
+        ("checked_sets", pa.list_(pa.string())),
+        ("ngram", pa.int64()),
+        ("matched", pa.bool_()),
+        ("eval_set", pa.string()),
+        ("eval_item_id", pa.string()),
+        ("method", pa.string()),
+        ("span", pa.string()),
+        ("similarity", pa.float64()),
     ]
 )
 
@@ -88,6 +103,7 @@ PROVENANCE_TYPE = pa.struct(
             ),
         ),
         ("vog", VOG_TYPE),
+        ("contamination", CONTAMINATION_TYPE),
         ("tags", pa.list_(pa.string())),
         ("difficulty", pa.string()),
         ("difficulty_rule", pa.string()),
@@ -160,6 +176,7 @@ def new_record(
         "judge": None,
         "dedup": None,
         "vog": None,
+        "contamination": None,
         "tags": [],
         "difficulty": None,
         "difficulty_rule": None,

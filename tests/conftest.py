@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Tiny GPT-2s with a locally trained tokenizer, and `transformers serve` on 127.0.0.1 (session fixtures).
+pytest_plugins = ["tiny_llm"]
+
 STAGES = ["generated", "judged", "deduped", "tagged", "split"]
 
 

@@ -2,7 +2,8 @@
 
 A sample fails if any check fails; it goes to `rejected/` with the first failing check as `rejected_by`.
 Checks are named in `params.yaml: judge.checks` and resolved by name (third parties: entry point group
-`synthforge.checks`). A check is a class with `Options` (a dataclass) and `check(row) -> CheckResult`.
+`synthforge.checks`). A check is a class with `Options` (a dataclass) and `check(row) -> result | None`, or
+`check_batch(rows)` when it calls a model; None means the check does not apply and is not recorded.
 """
 
 from __future__ import annotations
@@ -20,8 +21,16 @@ from synthforge.stagedir import Row, StageBase, StageInput, reject, run_stage
 
 
 def result(
-    name: str, ok: bool, reason: str | None = None, score: float | None = None, raw: str | None = None, parsed: bool = True
+    name: str,
+    ok: bool,
+    reason: str | None = None,
+    score: float | None = None,
+    raw: str | None = None,
+    parsed: bool = True,
+    judged_by: str | None = None,
+    difficulty: str | None = None,
 ) -> dict:
+    """One check's verdict as provenance records it. judged_by: model@revision or reviewer (None: a rule)."""
     return {
         "name": name,
         "verdict": "pass" if ok else "fail",
@@ -29,6 +38,8 @@ def result(
         "reason": reason,
         "raw_output": raw,
         "parsed": parsed,
+        "judged_by": judged_by,
+        "difficulty": difficulty,
     }
 
 
@@ -330,6 +341,14 @@ def build_checks(params: dict[str, Any]) -> list:
     return checks
 
 
+def check_rows(check, rows: list[Row]) -> list[dict | None]:
+    """One result per row, None where the check does not apply (faithfulness of a sample without a source
+    passage, review of a sample nobody reviewed). Checks that call a model batch their rows (`check_batch`)."""
+    if hasattr(check, "check_batch"):
+        return check.check_batch(rows)
+    return [check.check(row) for row in rows]
+
+
 class JudgeStage(StageBase):
     def __init__(self, checks: list):
         self.set_checks = [c for c in checks if getattr(c, "needs_reduce", False)]
@@ -341,7 +360,8 @@ class JudgeStage(StageBase):
         # Set-level checks (VoG) see only samples every per-sample check passes: a blank image must not take
         # the place of a real outlier in a per-class drop quota.
         row_checks = [c for c in self.checks if c not in self.set_checks]
-        passing = [r for r in rows if all(c.check(r)["verdict"] == "pass" for c in row_checks)]
+        verdicts = [check_rows(c, rows) for c in row_checks]
+        passing = [r for i, r in enumerate(rows) if all(v[i] is None or v[i]["verdict"] == "pass" for v in verdicts)]
         for c in self.set_checks:
             c.observe(passing)
 
@@ -354,8 +374,9 @@ class JudgeStage(StageBase):
 
     def apply(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
         kept, rejected = [], []
-        for row in rows:
-            results = [check.check(row) for check in self.checks]
+        per_check = [check_rows(check, rows) for check in self.checks]
+        for i, row in enumerate(rows):
+            results = [verdicts[i] for verdicts in per_check if verdicts[i] is not None]
             failed = [r for r in results if r["verdict"] == "fail"]
             row["provenance"]["judge"] = {"verdict": "fail" if failed else "pass", "checks": results}
             for r in failed:

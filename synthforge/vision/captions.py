@@ -13,17 +13,16 @@ with every variant.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from synthforge.errors import BadInput
+from synthforge.llm.models import hub_revision, load_dtype, pick_device, resolve_model
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +191,12 @@ class CaptionPerturber:
         self.temperature = temperature
         self.batch_size = batch_size
         self._param = param
-        source, self.model_revision = _resolve_model(model, param)
-        self.device = _pick_device(device)
+        source, self.model_revision = resolve_model(model, param)
+        self.device = pick_device(device)
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(source, revision=_hub_revision(source, self.model_revision))
+            self._tokenizer = AutoTokenizer.from_pretrained(source, revision=hub_revision(source, self.model_revision))
             self._model = AutoModelForCausalLM.from_pretrained(
-                source, revision=_hub_revision(source, self.model_revision), dtype=_load_dtype(self.device)
+                source, revision=hub_revision(source, self.model_revision), dtype=load_dtype(self.device)
             )
         except (OSError, ValueError, KeyError) as exc:  # missing files, not a causal LM, unknown architecture
             raise BadInput(f"{param}: {model}: cannot load a causal language model and its tokenizer: {exc}") from None
@@ -309,11 +308,11 @@ class ImageCaptioner:
         self.model_id = model
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        source, self.model_revision = _resolve_model(model, param)
-        revision = _hub_revision(source, self.model_revision)
-        self.device = _pick_device(device)
+        source, self.model_revision = resolve_model(model, param)
+        revision = hub_revision(source, self.model_revision)
+        self.device = pick_device(device)
         try:
-            self._model = AutoModelForImageTextToText.from_pretrained(source, revision=revision, dtype=_load_dtype(self.device))
+            self._model = AutoModelForImageTextToText.from_pretrained(source, revision=revision, dtype=load_dtype(self.device))
             processor = AutoProcessor.from_pretrained(source, revision=revision)
             if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
                 self._image_processor, self._tokenizer = processor, processor.tokenizer  # BLIP, BLIP-2, GIT
@@ -349,60 +348,3 @@ class ImageCaptioner:
                 captions += [" ".join(text.split()) for text in texts]
                 advance(len(pictures))
         return captions
-
-
-def _resolve_model(model: str, param: str) -> tuple[str, str | None]:
-    """(what to load, its revision): a local directory with a content hash, or a hub id pinned to its commit."""
-    local = Path(model).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise BadInput(f"{param}: {model}: not a transformers model directory (no config.json)")
-        return str(local), _local_revision(local)
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise BadInput(f"{param}: {model}: no such directory (and not a hub id of the form owner/name)")
-    from huggingface_hub import resolve_revision
-
-    try:
-        # One commit for the tokenizer and the weights, and the commit is what provenance records.
-        return model, resolve_revision(model).resolved
-    except Exception as exc:  # offline and not cached, unknown or gated repo: huggingface_hub raises many kinds
-        raise BadInput(f"{param}: {model}: no such directory, and the hub model cannot be resolved: {exc}") from None
-
-
-def _hub_revision(source: str, revision: str | None) -> str | None:
-    return None if Path(source).exists() else revision
-
-
-def _local_revision(path: Path) -> str:
-    """First 16 hex digits of a sha256 over the files transformers reads from the directory (names and bytes).
-
-    Weights are hashed in the format that loads: when safetensors are there, the .bin copies many hub repos also
-    carry are skipped (they would double the time spent hashing a 7B model for nothing)."""
-    files = sorted(
-        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
-    has_safetensors = any(p.suffix == ".safetensors" for p in files)
-    digest = hashlib.sha256()
-    for file in files:
-        if has_safetensors and file.suffix in {".bin", ".pt", ".pth"}:
-            continue
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with file.open("rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def _pick_device(device: str | None) -> torch.device:
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
-
-
-def _load_dtype(device: torch.device) -> Any:
-    import torch
-
-    # The checkpoint's own dtype on a GPU (half precision for most LLMs); float32 on CPU, where half is slow.
-    return "auto" if device.type == "cuda" else torch.float32

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from synthforge.errors import BadInput
+from synthforge.llm.models import pick_device
 from synthforge.vision.generator import ImageRequest, RealExample
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ def adapt_stable_diffusion(options: StableDiffusionOptions, examples: list[RealE
         _decode(example.image, _example_name(example, i))
     prompts = [options.prompt(ex.class_name, ex.caption) for ex in examples]
 
-    device = _pick_device(None)
+    device = pick_device(None)
     dtype = _weight_dtype(options, device)
     pipe = _load_pipeline(options, dtype=dtype)
     from diffusers import DDPMScheduler
@@ -207,7 +208,7 @@ class StableDiffusionGenerator:
         self.model = options.base
         self.model_revision = options.revision
         self.adapter_hash = adapter_hash(adapter_dir) if adapter_dir is not None else None
-        self.device = _pick_device(device)
+        self.device = pick_device(device)
         self.dtype = _weight_dtype(options, self.device)
         self._text2img = _load_pipeline(options, dtype=self.dtype)
         if adapter_dir is not None:
@@ -367,14 +368,6 @@ def _save_adapter(peft_state: dict, lora_config, path: Path) -> None:
     weights = {f"unet.{k}": v for k, v in weights.items()}
     config = {f"unet.{k}": v for k, v in config.items()}
     save_file(weights, str(path), metadata={LORA_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)})
-
-
-def _pick_device(device: str | None):
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 
 def _weight_dtype(options: StableDiffusionOptions, device) -> torch.dtype:

@@ -1,0 +1,1 @@
+"""Language models behind generation and judging: local transformers or an OpenAI-compatible server."""

@@ -1,0 +1,1 @@
+"""Text-specific curation: sentence embeddings, semantic dedup, decontamination, LLM judge and review."""
