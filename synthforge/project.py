@@ -14,7 +14,8 @@ from synthforge.errors import BadInput, SynthforgeError
 from synthforge.gitutil import git
 from synthforge.resources import DEFAULT_PIPELINE, PIPELINE_FILES, pipeline_dir, recipe_dir
 
-PROJECT_GITIGNORE = "/registry/\n.venv/\n__pycache__/\n"
+# .cache/ holds LLM responses (a rerun reads them instead of asking again): local, never versioned.
+PROJECT_GITIGNORE = "/registry/\n.venv/\n__pycache__/\n/.cache/\n"
 
 
 def _dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:

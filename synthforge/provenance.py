@@ -83,6 +83,8 @@ PROVENANCE_TYPE = pa.struct(
                     ("created_at", pa.string()),
                     ("caption", CAPTION_TYPE),
                     ("seed_marginal_score", pa.float64()),
+                    ("raw_output", pa.string()),
+                    ("parsed", pa.bool_()),
                 ]
             ),
         ),
@@ -149,6 +151,8 @@ def new_record(
     adapter_hash: str | None = None,
     caption: dict[str, Any] | None = None,
     seed_marginal_score: float | None = None,
+    raw_output: str | None = None,
+    parsed: bool | None = None,
 ) -> dict[str, Any]:
     from synthforge import __version__
 
@@ -172,6 +176,8 @@ def new_record(
             "created_at": now_iso(),
             "caption": caption,
             "seed_marginal_score": seed_marginal_score,
+            "raw_output": raw_output,
+            "parsed": parsed,
         },
         "judge": None,
         "dedup": None,

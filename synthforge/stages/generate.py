@@ -1,7 +1,15 @@
-"""generate: template expansion and adversarial variants from bundled sources and versioned prompts.
+"""generate: text samples from source records, documents and versioned prompts.
 
 Methods are named in `params.yaml: generate.methods` and run in order; a method may derive samples from what
-the earlier ones produced (adversarial variants take template samples as parents).
+the earlier ones produced (adversarial variants and paraphrases take earlier samples as parents):
+
+  template      source record x prompt template x constraint subsets (no model)
+  adversarial   an injection, manipulation or format-breaking payload planted in an earlier sample (no model)
+  paraphrase    an LLM rewrites an earlier sample, keeping its facts (synthforge.text.llm_methods)
+  grounded      an LLM writes Q&A and citation cases from passages of real documents (synthforge.text.llm_methods)
+
+What an LLM wrote that does not parse, or that breaks the method's own rule (a paraphrase that loses a fact), is
+kept in `rejected/` with the reason and the raw output.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ CONTENT_SCHEMA = pa.schema(
         ("label", pa.string()),
         ("constraints", pa.list_(pa.string())),
         ("locale", pa.string()),
+        ("context", pa.string()),  # the source passage of a source-grounded sample; null otherwise
     ]
 )
 
@@ -49,6 +58,9 @@ class Planned:
     params: dict[str, Any]
     parent_ids: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
+    raw_output: str | None = None  # what the LLM wrote (LLM methods only)
+    parsed: bool | None = None
+    rejection: tuple[str, str] | None = None  # (rejected_by, reason) when the output is unusable
 
 
 @dataclass
@@ -63,7 +75,9 @@ class GenerateContext:
     _batches: itertools.count = field(default_factory=itertools.count)
 
     def emit(self, method: str, planned: list[Planned], model: str, model_revision: str | None) -> list[Row]:
-        """Samples with provenance, cut into generation batches; each batch id is unique to this stage's work."""
+        """Samples with provenance, cut into generation batches; each batch id is unique to this stage's work.
+
+        A planned sample with a rejection comes back with `rejected_by` and `reason` set."""
         out = []
         for start in range(0, len(planned), self.batch_size):
             batch_id = f"{self.fingerprint[:8]}-{method}-{next(self._batches):04d}"
@@ -83,9 +97,14 @@ class GenerateContext:
                     prompt_version=p.template.version,
                     prompt_hash=p.template.hash,
                     parent_ids=p.parent_ids,
+                    raw_output=p.raw_output,
+                    parsed=p.parsed,
                 )
                 prov["tags"] = list(p.tags)
-                out.append({"sample_id": sid, **p.content, "provenance": prov})
+                row = {"sample_id": sid, **{"context": None, **p.content}, "provenance": prov}
+                if p.rejection:
+                    row["rejected_by"], row["reason"] = p.rejection
+                out.append(row)
         return out
 
 
@@ -115,7 +134,7 @@ class TemplateExpansion:
     name = "template"
     Options = TemplateOptions
 
-    def __init__(self, options: TemplateOptions):
+    def __init__(self, options: TemplateOptions, where: str, params_file: str):
         self.options = options
 
     def generate(self, ctx: GenerateContext, previous: list[Row]) -> list[Row]:
@@ -196,7 +215,7 @@ class AdversarialVariants:
     name = "adversarial"
     Options = AdversarialOptions
 
-    def __init__(self, options: AdversarialOptions):
+    def __init__(self, options: AdversarialOptions, where: str, params_file: str):
         self.options = options
 
     def generate(self, ctx: GenerateContext, previous: list[Row]) -> list[Row]:
@@ -230,7 +249,10 @@ class AdversarialVariants:
         return ctx.emit(self.name, planned, TEMPLATE_ENGINE, importlib.metadata.version("jinja2"))
 
 
-GENERATORS: dict[str, type] = {g.name: g for g in (TemplateExpansion, AdversarialVariants)}
+def builtin_generators() -> dict[str, type]:
+    from synthforge.text.llm_methods import Paraphrase, SourceGrounded
+
+    return {g.name: g for g in (TemplateExpansion, AdversarialVariants, Paraphrase, SourceGrounded)}
 
 
 def run_generate(params: dict[str, Any], out: str | Path, sources: str | None = None) -> dict[str, Any]:
@@ -239,12 +261,14 @@ def run_generate(params: dict[str, Any], out: str | Path, sources: str | None = 
     methods = []
     for i, spec in enumerate(section["methods"]):
         where = f"generate.methods[{i}]"
-        cls = resolve("generators", spec["name"], GENERATORS, where, params_file)
-        methods.append(cls(parse_options(cls.Options, spec, where, params_file)))
+        cls = resolve("generators", spec["name"], builtin_generators(), where, params_file)
+        methods.append(cls(parse_options(cls.Options, spec, where, params_file), where, params_file))
     sources_path = sources or section["sources"]
     records = load_sources(sources_path)
     prompts = load_prompts(section["prompts"])
     inputs = {"sources": file_digest(sources_path), **{f"prompt:{p.id}": p.hash for p in prompts.values()}}
+    for method in methods:
+        inputs.update(getattr(method, "inputs", {}))  # documents read, model identities
     fingerprint = stage_fingerprint("generate", {"generate": {**section, "sources": None}, "seed": params["seed"]}, inputs)
     ctx = GenerateContext(
         sources=records,
@@ -256,12 +280,15 @@ def run_generate(params: dict[str, Any], out: str | Path, sources: str | None = 
         params_file=params_file,
     )
     produced: list[Row] = []
-    per_method = {}
+    rejected: list[Row] = []
+    per_method: dict[str, dict[str, Any]] = {}
     for method in methods:
         rows = method.generate(ctx, produced)
-        per_method[method.name] = len(rows)
-        produced.extend(rows)
+        bad = [r for r in rows if "rejected_by" in r]
+        per_method[method.name] = {"kept": len(rows) - len(bad), "rejected": len(bad), **getattr(method, "metrics", {})}
+        produced += [r for r in rows if "rejected_by" not in r]
+        rejected += bad
     with StageWriter(out, "generate", CONTENT_SCHEMA, fingerprint) as writer:
-        writer.write(produced)
+        writer.write(produced, rejected)
         writer.metrics = {"by_method": per_method, "sources": len(records), "prompt_templates": len(prompts)}
     return writer.stats

@@ -4,6 +4,7 @@ Text (TagStage), from explainable features; images (ImageTagStage), from the ref
 
 Rules, first match wins:
   adversarial  the sample was made by an adversarial method (injection, manipulation, format breaking)
+  (rated)      a judge rated the sample's difficulty (a reviewer's rating before an LLM judge's)
   hard         constraints >= hard_min_constraints, or words >= hard_min_words
   medium       an ambiguity marker occurs, or constraints >= medium_min_constraints, or words >= medium_min_words
   easy         otherwise
@@ -20,6 +21,15 @@ from synthforge.provenance import canonical_json
 from synthforge.stagedir import Row, StageBase, StageInput, run_stage
 
 DEFAULT_AMBIGUITY_MARKERS = ["maybe", "i think", "not sure", "either", "or so", "around", "approximately", "?"]
+
+
+def judge_rating(row: Row) -> dict[str, str] | None:
+    """The difficulty a judge gave the sample: a reviewer's (check `review`) before any model's; None if unrated."""
+    checks = [c for c in ((row["provenance"].get("judge") or {}).get("checks") or []) if c.get("difficulty")]
+    if not checks:
+        return None
+    best = next((c for c in checks if c["name"] == "review"), checks[0])
+    return {"check": best["name"], "judged_by": best.get("judged_by") or "rule", "difficulty": best["difficulty"]}
 
 
 class TagStage(StageBase):
@@ -45,11 +55,15 @@ class TagStage(StageBase):
             "constraints": len(constraints),
             "ambiguity_markers": [m for m, rx in self.markers if rx.search(text)],
             "method": row["provenance"]["generation"]["method"],
+            "judge_rating": judge_rating(row),
         }
 
     def classify(self, f: dict[str, Any]) -> tuple[str, str]:
         if f["method"] == "adversarial":
             return "adversarial", "method=adversarial"
+        if f["judge_rating"]:
+            rating = f["judge_rating"]
+            return rating["difficulty"], f"judge {rating['check']} ({rating['judged_by']}) rated {rating['difficulty']}"
         if f["constraints"] >= self.hard_constraints:
             return "hard", f"constraints={f['constraints']}>={self.hard_constraints}"
         if f["words"] >= self.hard_words:
