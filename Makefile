@@ -23,6 +23,8 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_dedup.py
 	$(BIN)/python benchmarks/bench_vog.py
 	$(BIN)/python benchmarks/bench_image_dedup.py
+	$(BIN)/python benchmarks/bench_semantic_dedup.py
+	$(BIN)/python benchmarks/bench_decontam.py
 
 clean:
 	rm -rf data models registry dvc.lock

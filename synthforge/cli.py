@@ -6,6 +6,7 @@ Heavy imports (pyarrow, datasets, duckdb) happen inside the commands so that `sy
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -121,15 +122,23 @@ def generate(
         _report(run_generate(p, out, sources), out)
 
 
-# The four stages that read one stage directory and write the next: (command, runner, default in, default out, help)
+@app.command()
+def judge(
+    src: InOpt = Path("data/generated"),
+    out: Annotated[Path, typer.Option("--out", help="Output stage directory.")] = Path("data/judged"),
+    params: ParamsOpt = Path("params.yaml"),
+    allow_self_judge: Annotated[
+        bool, typer.Option("--allow-self-judge", help="Let an LLM judge grade samples it generated itself (recorded).")
+    ] = False,
+):
+    """Run every judge check; failures go to rejected/ with the check and its reason."""
+    from synthforge.stages.judge import run_judge
+
+    _report(run_judge(_params(params), src, out, allow_self_judge=allow_self_judge), out)
+
+
+# The stages that read one stage directory and write the next: (command, runner, default in, default out, help)
 _STAGE_COMMANDS = [
-    (
-        "judge",
-        "synthforge.stages.judge:run_judge",
-        "generated",
-        "judged",
-        "Run every judge check; failures go to rejected/ with the check and its reason.",
-    ),
     (
         "dedup",
         "synthforge.stages.dedup:run_dedup",
@@ -170,6 +179,54 @@ def _add_stage_command(name: str, runner: str, default_in: str, default_out: str
 
 for _spec in _STAGE_COMMANDS:
     _add_stage_command(*_spec)
+
+
+review_app = typer.Typer(
+    help="Manual spot check: export samples for a person to review, import the verdicts.", no_args_is_help=True
+)
+app.add_typer(review_app, name="review")
+
+
+@review_app.command("export")
+def review_export(
+    out: Annotated[Path, typer.Option("--out", help="review.csv, or review.html (a page with pass/fail buttons).")],
+    src: InOpt = Path("data/tagged"),
+    n: Annotated[int, typer.Option("--n", help="How many samples (at least one per stratum).")] = 50,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample.")] = 0,
+    reviewer_fields: Annotated[
+        str | None,
+        typer.Option("--reviewer-fields", help="Comma-separated content fields to show (default: prompt,reference,context)."),
+    ] = None,
+):
+    """Write a sample stratified by generation method, difficulty and judge score for a person to review."""
+    from synthforge.text.review import export_review
+
+    fields = [f.strip() for f in reviewer_fields.split(",") if f.strip()] if reviewer_fields else None
+    info = export_review(src, out, n=n, seed=seed, fields=fields)
+    more = f" (more than --n {n}: every stratum gets one)" if info["samples"] > n else ""
+    typer.echo(f"review: {info['samples']} samples from {info['strata']} strata{more} -> {out}")
+    typer.echo(f"fill in verdict (pass/fail) and notes, then: synthforge review import FILE --reviewer NAME --in {src}")
+
+
+@review_app.command("import")
+def review_import(
+    filled: Annotated[Path, typer.Argument(help="The filled review CSV.")],
+    reviewer: Annotated[str, typer.Option("--reviewer", help="Who reviewed (recorded as judged_by).")],
+    ledger: Annotated[Path, typer.Option("--ledger", help="The verdict ledger the `review` check reads.")] = Path(
+        "reviews/verdicts.jsonl"
+    ),
+    src: Annotated[Path | None, typer.Option("--in", help="Stage directory the sample ids must come from.")] = None,
+):
+    """Record a filled review file's verdicts in the ledger; `synthforge judge` (or `dvc repro`) applies them."""
+    from synthforge.text.review import import_review
+
+    info = import_review(filled, reviewer, ledger, src)
+    replaced = f", {info['replaced']} replacing earlier verdicts" if info["replaced"] else ""
+    typer.echo(
+        f"review: recorded {info['recorded']} verdicts by {reviewer.strip()} ({info['pass']} pass, {info['fail']} fail"
+        f"{replaced}; {info['blank']} blank rows skipped) -> {ledger}"
+    )
+    typer.echo("`dvc repro` (or `synthforge judge`) applies them through the `review` judge check")
 
 
 @app.command()
@@ -278,6 +335,10 @@ def _optional_params() -> dict | None:
 
 
 def main() -> None:
+    # Our own progress bars show long work; the libraries' weight-loading bars and advisories would bury an
+    # error message under lines of noise.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app()
     except SynthforgeError as exc:

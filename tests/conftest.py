@@ -66,22 +66,49 @@ def run_pipeline(project: Path, params_file: str = "params.yaml", data: str = "d
         }
 
 
+def use_tiny_models(root: Path, generator: Path, judge: Path) -> None:
+    """Point the recipe's LLMs at the tiny local models (it names hub models nothing here can download), as a user
+    would: by editing params.yaml, so the rest of the file stays as shipped."""
+    path = root / "params.yaml"
+    text = path.read_text()
+    edits = [
+        ("model: Qwen/Qwen2.5-0.5B-Instruct", f"model: {generator}"),
+        ("model: HuggingFaceTB/SmolLM2-1.7B-Instruct", f"model: {judge}"),
+        ("max_new_tokens: 256", "max_new_tokens: 48"),
+        ("max_new_tokens: 160", "max_new_tokens: 48"),
+        # Shorter prompts: the tiny models' context is 2k tokens.
+        ("      docs: docs\n", "      docs: docs\n      max_passage_words: 60\n      distractors: 1\n"),
+        # The tiny judge learned its answer's shape, not this rubric: what it writes is recorded as unparsed and
+        # let through, so the stages after the judge have samples to work on.
+        ("      min_score: 3\n", "      min_score: 3\n      on_unparsed: pass\n"),
+    ]
+    for old, new in edits:
+        assert old in text, f"the text-eval recipe no longer has {old!r}"
+        text = text.replace(old, new, 1)
+    path.write_text(text)
+    subprocess.run(["git", "commit", "-qam", "tiny local models"], cwd=root, check=True, capture_output=True)
+
+
 @pytest.fixture(scope="session")
-def project(tmp_path_factory) -> Path:
-    """A text-eval project made by `synthforge init`, with its pipeline run once. Tests must not modify it."""
+def project(tmp_path_factory, generator_lm, judge_lm) -> Path:
+    """A text-eval project made by `synthforge init`, with its pipeline run once on the tiny models.
+    Tests must not modify it."""
     from synthforge.project import init_project
 
     root = init_project(tmp_path_factory.mktemp("proj") / "evalset", pipeline="text-eval")
+    use_tiny_models(root, generator_lm, judge_lm)
     run_pipeline(root)
     return root
 
 
 @pytest.fixture
-def fresh_project(tmp_path) -> Path:
-    """A scaffolded text-eval project of the test's own (pipeline not run)."""
+def fresh_project(tmp_path, generator_lm, judge_lm) -> Path:
+    """A scaffolded text-eval project of the test's own, on the tiny models (pipeline not run)."""
     from synthforge.project import init_project
 
-    return init_project(tmp_path / "evalset", pipeline="text-eval")
+    root = init_project(tmp_path / "evalset", pipeline="text-eval")
+    use_tiny_models(root, generator_lm, judge_lm)
+    return root
 
 
 def cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -28,12 +28,12 @@ def _assert_refused(result, *fragments):
 @pytest.mark.parametrize(
     ("edit", "fragments"),
     [
-        (("max_chars: 900", "max_chars: lots"), ["params.yaml: judge.checks[2].max_chars: expected", "'lots'"]),
+        (("max_chars: 4000", "max_chars: lots"), ["params.yaml: judge.checks[2].max_chars: expected", "'lots'"]),
         (("  exact: true", "  exact: true\n  threshhold: 0.5"), ["params.yaml: dedup: unknown key 'threshhold'"]),
         (("- name: length", "- name: lenght"), ["params.yaml: judge.checks[2].name: unknown check 'lenght'", "length"]),
         (("ratios: {train: 0.7", "ratios: {train: -1"), ["params.yaml: split.ratios.train"]),
         (
-            ("      min_chars: 80", "      min_chars: 80\n      max_words: 3"),
+            ("      min_chars: 40", "      min_chars: 40\n      max_words: 3"),
             ["judge.checks[2].max_words: unknown option for 'length'"],
         ),
     ],
@@ -52,7 +52,7 @@ def test_unknown_generation_method_is_refused(workdir):
     params.write_text(params.read_text().replace("- name: adversarial", "- name: paraphrse"))
     before = tree_digest(workdir / "data")
     _assert_refused(
-        cli("generate", "--out", "data/generated", cwd=workdir), "generate.methods[1].name: unknown generator 'paraphrse'"
+        cli("generate", "--out", "data/generated", cwd=workdir), "generate.methods[3].name: unknown generator 'paraphrse'"
     )
     assert tree_digest(workdir / "data") == before
 

@@ -23,7 +23,10 @@ def test_help_does_not_import_the_heavy_libraries():
     assert cli("--help").returncode == 0
 
 
-def test_init_scaffolds_a_git_and_dvc_project(fresh_project):
+def test_init_scaffolds_a_git_and_dvc_project(tmp_path):
+    from synthforge.project import init_project
+
+    fresh_project = init_project(tmp_path / "evalset", pipeline="text-eval")
     for name in (
         "dvc.yaml",
         "params.yaml",
@@ -31,6 +34,10 @@ def test_init_scaffolds_a_git_and_dvc_project(fresh_project):
         "schemas/params.schema.json",
         "sources",
         "prompts",
+        "docs",
+        "protected",
+        "rubrics",
+        "reviews",
         ".dvc/config",
     ):
         assert (fresh_project / name).exists(), name
@@ -50,7 +57,7 @@ def test_dvc_repro_reruns_only_what_changed_and_the_demo_publishes_once(fresh_pr
     assert "Running stage" not in second.stdout and second.stdout.count("didn't change") == 5
 
     params = fresh_project / "params.yaml"
-    params.write_text(params.read_text().replace("max_chars: 900", "max_chars: 400"))
+    params.write_text(params.read_text().replace("max_chars: 4000", "max_chars: 400"))
     third = _dvc("repro", cwd=fresh_project)
     assert third.returncode == 0, third.stdout + third.stderr
     ran = [s for s in ("generate", "judge", "dedup", "tag", "split") if f"Running stage '{s}'" in third.stdout]
@@ -59,13 +66,13 @@ def test_dvc_repro_reruns_only_what_changed_and_the_demo_publishes_once(fresh_pr
 
     demo = cli("demo", cwd=fresh_project)
     assert demo.returncode == 0, demo.stderr
-    assert "published synth-extraction-eval v1.0.0" in demo.stdout and "synthforge.load(" in demo.stdout
+    assert "published synth-support-eval v1.0.0" in demo.stdout and "synthforge.load(" in demo.stdout
     for stage in ("generate", "judge", "dedup", "tag", "split"):
         assert stage in demo.stdout
     again = cli("demo", cwd=fresh_project)
     assert again.returncode == 0, again.stderr
     assert "already published" in again.stdout and "v1.0.0" in again.stdout
-    assert (fresh_project / "registry" / "synth-extraction-eval.git").is_dir()
+    assert (fresh_project / "registry" / "synth-support-eval.git").is_dir()
 
 
 def test_init_scaffolds_the_digits_pipeline_by_default_and_names_unknown_ones(tmp_path):

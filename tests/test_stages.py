@@ -96,11 +96,14 @@ def test_judge_rejects_a_missing_template_variable_with_the_evidence(project):
     missing = [r for r in rejected if r["provenance"]["source"]["record_id"] == "wide-world-tour"]
     assert missing and all(r["rejected_by"] == "judge.banned_patterns" and "<<missing:amount>>" in r["reason"] for r in missing)
     verdicts = {c["name"]: c["verdict"] for c in missing[0]["provenance"]["judge"]["checks"]}
-    assert verdicts == {"format": "pass", "required_fields": "pass", "length": "pass", "banned_patterns": "fail"}
+    assert verdicts.pop("banned_patterns") == "fail"
+    assert {"format", "required_fields", "length", "safety", "llm_judge"} <= set(verdicts)  # every check ran
+    assert set(verdicts.values()) == {"pass"}
 
 
 def test_dedup_keeps_one_representative_per_cluster_and_records_it(project):
     rows = read_rows(project / "data" / "deduped") + read_rows(project / "data" / "deduped", "rejected")
+    rows = [r for r in rows if r.get("rejected_by") != "dedup.contaminated"]  # rejected before any clustering
     by_cluster = defaultdict(list)
     for r in rows:
         by_cluster[r["provenance"]["dedup"]["cluster_id"]].append(r)

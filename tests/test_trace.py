@@ -185,12 +185,18 @@ def test_trace_by_plain_version_matches_every_template_at_that_version(project, 
     assert trace(project / "data", registry, prompt_version="99").samples == []
 
 
-def test_trace_by_model_reaches_every_sample_of_that_model(project, registry, generated, fates):
+def test_trace_by_model_reaches_every_sample_of_that_model(project, registry, generated, fates, children):
     result = trace(project / "data", registry, model=MODEL)
     assert result.query == {"model": MODEL}
-    assert {s.sample_id for s in result.samples} == {sid for sid, g in generated.items() if g["model"] == MODEL}
+    matched = {sid for sid, g in generated.items() if g["model"] == MODEL}
+    assert _matched(result) == matched
+    # Paraphrases (another model) of those samples come along as descendants.
+    descendants = set().union(*(children[s] for s in matched)) - matched
+    assert {s.sample_id for s in result.samples if s.relation != "match"} == descendants
+    assert any(generated[s]["method"] == "paraphrase" for s in descendants)
     split = split_of(project / "data" / "split")
-    assert result.versions == {f"{NAME} v1.0.0": dict(Counter(split.values()))}
+    in_split = Counter(split[s.sample_id] for s in result.samples if s.sample_id in split)
+    assert result.versions == {f"{NAME} v1.0.0": dict(in_split)}
     assert all(s.fate == expected_fate(fates[s.sample_id]) for s in result.samples)
     assert trace(project / "data", registry, model="gpt-nobody").samples == []
 

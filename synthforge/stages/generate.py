@@ -108,7 +108,7 @@ class GenerateContext:
         return out
 
 
-def _jinja_env():
+def jinja_env():
     from jinja2 import Undefined
     from jinja2.sandbox import SandboxedEnvironment
 
@@ -140,7 +140,7 @@ class TemplateExpansion:
     def generate(self, ctx: GenerateContext, previous: list[Row]) -> list[Row]:
         import jinja2
 
-        env = _jinja_env()
+        env = jinja_env()
         templates = self._templates(ctx)
         rng = random.Random(ctx.seed)
         planned = []
@@ -258,11 +258,13 @@ def builtin_generators() -> dict[str, type]:
 def run_generate(params: dict[str, Any], out: str | Path, sources: str | None = None) -> dict[str, Any]:
     section = params["generate"]
     params_file = params.get("__file__", "params.yaml")
-    methods = []
+    # Every method's name and options are checked before any method loads a model or reads documents.
+    parsed = []
     for i, spec in enumerate(section["methods"]):
         where = f"generate.methods[{i}]"
         cls = resolve("generators", spec["name"], builtin_generators(), where, params_file)
-        methods.append(cls(parse_options(cls.Options, spec, where, params_file), where, params_file))
+        parsed.append((cls, parse_options(cls.Options, spec, where, params_file), where))
+    methods = [cls(options, where, params_file) for cls, options, where in parsed]
     sources_path = sources or section["sources"]
     records = load_sources(sources_path)
     prompts = load_prompts(section["prompts"])

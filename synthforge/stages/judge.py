@@ -326,19 +326,38 @@ class VogFilter:
         )
 
 
+# The text checks import `result` from here when they run, so they can be registered at the end of this module.
+from synthforge.text.faithfulness import FaithfulnessCheck  # noqa: E402
+from synthforge.text.llm_judge import LLMJudgeCheck, generator_models, self_judge_conflicts  # noqa: E402
+from synthforge.text.review import ReviewCheck  # noqa: E402
+from synthforge.text.safety import SafetyCheck  # noqa: E402
+
 CHECKS: dict[str, type] = {
-    c.name: c for c in (FormatCheck, RequiredFieldsCheck, LengthCheck, BannedPatternsCheck, ImageFormatCheck, VogFilter)
+    c.name: c
+    for c in (
+        FormatCheck,
+        RequiredFieldsCheck,
+        LengthCheck,
+        BannedPatternsCheck,
+        ImageFormatCheck,
+        VogFilter,
+        LLMJudgeCheck,
+        FaithfulnessCheck,
+        SafetyCheck,
+        ReviewCheck,
+    )
 }
 
 
 def build_checks(params: dict[str, Any]) -> list:
     params_file = params.get("__file__", "params.yaml")
-    checks = []
+    # Every entry's name and options are checked before any check loads a model: a typo fails in a second.
+    parsed = []
     for i, spec in enumerate(params["judge"]["checks"]):
         where = f"judge.checks[{i}]"
         cls = resolve("checks", spec["name"], CHECKS, where, params_file)
-        checks.append(cls(parse_options(cls.Options, spec, where, params_file), where, params_file))
-    return checks
+        parsed.append((cls, parse_options(cls.Options, spec, where, params_file), where))
+    return [cls(options, where, params_file) for cls, options, where in parsed]
 
 
 def check_rows(check, rows: list[Row]) -> list[dict | None]:
@@ -370,7 +389,7 @@ class JudgeStage(StageBase):
             c.finalize()
 
     def metrics(self) -> dict[str, Any]:
-        return {**self._metrics, **{c.name: c.metrics() for c in self.set_checks}}
+        return {**self._metrics, **{c.name: c.metrics() for c in self.checks if hasattr(c, "metrics")}}
 
     def apply(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
         kept, rejected = [], []
@@ -388,9 +407,34 @@ class JudgeStage(StageBase):
         return kept, rejected
 
 
-def run_judge(params: dict[str, Any], src: str | Path, out: str | Path) -> dict:
+def run_judge(params: dict[str, Any], src: str | Path, out: str | Path, allow_self_judge: bool = False) -> dict:
+    """Judge the samples in `src` into `out`. An LLM judge that is the model which generated samples in `src` is
+    refused (BadInput) before anything is judged, unless `allow_self_judge`; then the stats say `self_judged`."""
+    import logging
+
     from synthforge.vision.classifier import classifier_digest
 
+    params_file = params.get("__file__", "params.yaml")
     checks = build_checks(params)
-    models = {f"classifier:{c.o.classifier}": classifier_digest(c.o.classifier) for c in checks if isinstance(c, VogFilter)}
-    return run_stage(JudgeStage(checks), StageInput.open(src), out, {"judge": params["judge"]}, extra_inputs=models)
+    source = StageInput.open(src)
+    # What else decides the verdicts goes into the fingerprint: models, the rubric's wording, reviewers' verdicts.
+    extra = {f"classifier:{c.o.classifier}": classifier_digest(c.o.classifier) for c in checks if isinstance(c, VogFilter)}
+    extra |= {f"review:{c.ledger}": c.digest for c in checks if isinstance(c, ReviewCheck)}
+    judges = [c for c in checks if isinstance(c, LLMJudgeCheck)]
+    generators = generator_models(source) if judges else set()
+    for c in judges:
+        extra[f"judge_model:{c.where}"] = c.llm.identity
+        extra[f"rubric:{c.rubric.path}"] = c.rubric.hash
+        same = self_judge_conflicts(c, generators)
+        if same and not allow_self_judge:
+            raise BadInput(
+                f"{params_file}: {c.where}: the judge model {c.llm.identity} is the model that generated samples in "
+                f"{source.path} ({', '.join(same)}); a model grading its own output is easy to fool. Judge with another "
+                "model, or pass --allow-self-judge to run it anyway (the stats will record self_judged: true)."
+            )
+        if same:
+            c.self_judged = True
+            logging.getLogger(__name__).warning(
+                "%s: the judge model %s also generated the samples it judges (--allow-self-judge)", c.where, c.llm.identity
+            )
+    return run_stage(JudgeStage(checks), source, out, {"judge": params["judge"]}, extra_inputs=extra)

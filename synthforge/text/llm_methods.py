@@ -16,7 +16,7 @@ from typing import Any
 
 from synthforge.errors import BadInput
 from synthforge.provenance import sha256_hex
-from synthforge.stages.generate import CONTENT_SCHEMA, GenerateContext, Planned, Row, _jinja_env
+from synthforge.stages.generate import CONTENT_SCHEMA, GenerateContext, Planned, Row, jinja_env
 from synthforge.text.passages import Passage, load_passages, passages_digest
 
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
@@ -30,7 +30,7 @@ def request_seed(seed: int, key: str) -> int:
 
 
 def _render(template: str, variables: dict[str, Any]) -> str:
-    return _jinja_env().from_string(template).render(variables).strip()
+    return jinja_env().from_string(template).render(variables).strip()
 
 
 def _messages(tpl, variables: dict[str, Any]) -> list[tuple[str, str]]:
