@@ -205,3 +205,27 @@ def test_split_assignment_is_deterministic(project, tmp_path):
         run_split(load_params("params.yaml"), Path("data/tagged"), tmp_path / "split")
     again = {r["sample_id"]: r["provenance"]["split"] for r in read_rows(tmp_path / "split")}
     assert again == {r["sample_id"]: r["provenance"]["split"] for r in read_rows(project / "data" / "split")}
+
+
+def test_difficulty_follows_a_judges_rating_and_a_reviewer_outranks_the_model():
+    from synthforge.stages.judge import result
+    from synthforge.stages.tag import TagStage
+
+    def row(*checks):
+        prov = {"generation": {"method": "grounded"}, "judge": {"verdict": "pass", "checks": list(checks)}, "tags": []}
+        return {"prompt": "How long do refunds take?", "constraints": [], "label": "grounded_qa", "provenance": prov}
+
+    stage = TagStage({"field": "prompt"})
+    model = result("llm_judge", True, score=4, judged_by="judge@abc", difficulty="hard")
+    reviewer = result("review", True, judged_by="alice", difficulty="easy")
+    rated, both, unrated = row(model), row(model, reviewer), row(result("format", True))
+    stage.apply([rated, both, unrated])
+    assert (rated["provenance"]["difficulty"], rated["provenance"]["difficulty_rule"]) == (
+        "hard",
+        "judge llm_judge (judge@abc) rated hard",
+    )
+    assert (both["provenance"]["difficulty"], both["provenance"]["difficulty_rule"]) == (
+        "easy",
+        "judge review (alice) rated easy",
+    )
+    assert unrated["provenance"]["difficulty"] == "easy" and unrated["provenance"]["difficulty_rule"] == "no hardness feature"
