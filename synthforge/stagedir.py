@@ -45,6 +45,8 @@ _LIBRARIES = (
     "transformers",
     "imagehash",
     "pillow",
+    "sentence-transformers",
+    "scikit-learn",
 )  # those whose versions can change an output
 
 Row = dict[str, Any]
@@ -364,6 +366,15 @@ class StageBase:
 
 def reject(row: Row, by: str, reason: str) -> Row:
     return {**row, "rejected_by": by, "reason": reason}
+
+
+def require_columns(source: StageInput, columns, where: str) -> None:
+    """A configured field the input does not have is a typo, not an empty text: checks that read it would
+    silently pass everything."""
+    missing = [c for c in columns if c not in source.schema.names]
+    if missing:
+        have = ", ".join(n for n in source.schema.names if n != "provenance")
+        raise BadInput(f"{where}: no column {', '.join(map(repr, missing))} in {source.path} (columns: {have})")
 
 
 def run_stage(

@@ -229,3 +229,29 @@ def test_a_missing_set_file_stops_dedup_before_it_writes(tmp_path):
     with pytest.raises(BadInput, match=r"params.yaml: dedup.decontaminate.sets\[0\].path: nowhere/eval.jsonl: no such file"):
         run_dedup(params, tmp_path / "judged", tmp_path / "deduped")
     assert not (tmp_path / "deduped").exists()
+
+
+def test_a_reworded_item_inside_a_long_prompt_is_caught_by_its_sentence(tmp_path):
+    """A grounded case wraps the question in an instruction and a passage: the whole prompt embeds far from the
+    eval item, the question on its own close to it."""
+    wrapped = (
+        "Answer the question using only the passage below. If the passage does not answer it, say so.\n\nPassage:\n"
+        "Refunds go back to the original payment method. Card refunds appear within 5 to 7 business days after we "
+        "approve them. Bank transfers take up to 10 business days. Store credit is issued at once and never expires.\n\n"
+        "Question: What is the capital of France?"
+    )
+    write_stage(tmp_path / "judged", [wrapped, "Describe the water cycle for a ten year old."])
+    write_eval(tmp_path / "protected" / "eval.jsonl")
+    _, rows = decontaminate(tmp_path, embedding_threshold=0.9)
+    found = rows[sid(0)]["provenance"]["contamination"]
+    assert rows[sid(0)]["rejected_by"] == "dedup.contaminated"
+    assert (found["eval_item_id"], found["method"]) == ("exam-004", "embedding") and found["similarity"] >= 0.9
+    assert rows[sid(1)]["provenance"]["contamination"]["matched"] is False
+
+
+def test_a_misspelt_field_is_refused_not_read_as_empty(tmp_path):
+    """Reading a missing column as "" would mark every sample clean: the quiet contamination this stage exists for."""
+    with pytest.raises(BadInput, match=r"dedup.decontaminate.fields: no column 'promt' in .*judged \(columns: "):
+        sets = [{"name": "exam", "path": str(tmp_path / "protected" / "eval.jsonl"), "id_field": "id", "fields": ["prompt"]}]
+        decontaminate(tmp_path, fields=["promt"], sets=sets)
+    assert not (tmp_path / "deduped").exists()

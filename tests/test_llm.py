@@ -11,7 +11,7 @@ import pytest
 from tiny_llm import free_port
 
 from synthforge.errors import BadInput, SynthforgeError
-from synthforge.llm.backends import LLMServerError, OpenAICompatibleLLM, TransformersLLM, build_llm
+from synthforge.llm.backends import ChatRequest, LLMServerError, OpenAICompatibleLLM, TransformersLLM, build_llm
 from synthforge.llm.cache import FILENAME
 from synthforge.llm.models import local_revision
 
@@ -112,10 +112,11 @@ def test_batched_greedy_equals_one_by_one(local, greedy_one_by_one):
 
 
 def test_finish_reason_tells_an_answer_cut_short(generator_lm, greedy_one_by_one):
+    # An answer that ended on its own, asked again with room for 3 tokens only.
+    messages, whole = next((m, c) for m, c in zip(MANY, greedy_one_by_one, strict=True) if c.finish_reason == "stop")
     short = TransformersLLM(str(generator_lm), max_new_tokens=3, device="cpu")
-    (cut,) = short.complete([short.request(QA)])
-    assert greedy_one_by_one[0].finish_reason == "stop"
-    assert cut.finish_reason == "length" and greedy_one_by_one[0].text.startswith(cut.text)
+    (cut,) = short.complete([short.request(messages)])
+    assert cut.finish_reason == "length" and whole.text.startswith(cut.text) and len(cut.text) < len(whole.text)
 
 
 def test_chat_template_is_used(local):
@@ -359,3 +360,20 @@ def test_corrupt_cache_is_named(generator_lm, tmp_path):
     (tmp_path / FILENAME).write_bytes(b"this is not a database" * 100)
     with pytest.raises(BadInput, match=rf"{tmp_path / FILENAME}: not a usable LLM response cache .*delete the file"):
         TransformersLLM(str(generator_lm), device="cpu", cache=tmp_path)
+
+
+def test_a_token_pasted_as_the_env_var_name_is_never_echoed(monkeypatch):
+    token = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"  # looks like a variable name, but it is a key
+    monkeypatch.delenv(token, raising=False)
+    spec = {"backend": "openai", "model": "m", "base_url": "u", "api_key_env": token}
+    with pytest.raises(BadInput, match="the environment variable named there is not set") as failure:
+        build_llm(spec, WHERE, "params.yaml")
+    assert token not in str(failure.value)
+
+
+def test_the_cache_key_tells_servers_apart():
+    from synthforge.llm.cache import request_key
+
+    request = ChatRequest(messages=(("user", "hi"),))
+    keys = {request_key("openai", "m", None, request, scope) for scope in ("http://a/v1", "http://b/v1", None)}
+    assert len(keys) == 3

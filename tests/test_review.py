@@ -77,7 +77,7 @@ def test_export_import_and_judge_round_trip(workdir):
     assert done.returncode == 0, done.stderr
     assert "12 samples from 6 strata" in done.stdout
     exported = _read_csv(workdir / "review.csv")
-    header = ["sample_id", "method", "difficulty", "judge_score", "prompt", "reference", "context", "verdict", "notes"]
+    header = ["sample_id", "method", "difficulty", "judge_score", "prompt", "reference", "context", "verdict", "rating", "notes"]
     assert list(exported[0]) == header
     assert len(exported) == 12 and all(r["verdict"] == r["notes"] == "" for r in exported)
     # Every stratum is in the sample, the large ones more often; what the reviewer sees is the sample's content.
@@ -92,7 +92,7 @@ def test_export_import_and_judge_round_trip(workdir):
     failed, passed = exported[:2], exported[2]
     for r in failed:
         r["verdict"], r["notes"] = "fail", f"the reference is wrong for {r['sample_id'][:6]}"
-    passed["verdict"] = "Pass "  # as a person types it
+    passed["verdict"], passed["rating"] = "Pass ", "Hard"  # as a person types it
     _write_csv(workdir / "filled.csv", exported)
     done = cli("review", "import", "filled.csv", "--reviewer", "alice", "--in", "data/tagged", cwd=workdir)
     assert done.returncode == 0, done.stderr
@@ -119,9 +119,8 @@ def test_export_import_and_judge_round_trip(workdir):
         (review,) = [c for c in row["provenance"]["judge"]["checks"] if c["name"] == "review"]
         assert review["verdict"] == "fail" and review["judged_by"] == "alice"
     kept = {r["sample_id"]: r for r in read_rows(judged)}
-    assert [c["judged_by"] for c in kept[passed["sample_id"]]["provenance"]["judge"]["checks"] if c["name"] == "review"] == [
-        "alice"
-    ]
+    reviews = [c for c in kept[passed["sample_id"]]["provenance"]["judge"]["checks"] if c["name"] == "review"]
+    assert [(c["judged_by"], c["difficulty"]) for c in reviews] == [("alice", "hard")]  # the tag stage uses the rating
     assert len(kept) == len(tagged) - 2
     unreviewed = [r for sid, r in kept.items() if sid not in {e["sample_id"] for e in ledger}]
     assert all(c["name"] != "review" for r in unreviewed for c in r["provenance"]["judge"]["checks"])
@@ -144,12 +143,12 @@ def test_html_export_shows_every_sampled_id_and_needs_nothing_else(workdir):
     ids = [r["sample_id"] for r in _read_csv(workdir / "review.csv")]
     page = (workdir / "review.html").read_text()
     assert all(page.count(f'data-sample="{sid}"') == 1 for sid in ids)
-    assert page.count('type="radio"') == 2 * len(ids) and page.count("<textarea") == len(ids)
+    assert page.count('type="radio"') == 2 * len(ids) and page.count("<textarea") == page.count("<select>") == len(ids)
     assert not re.search(r"(src|href)=|<link|@import|https?://", page)  # no external assets
     assert "new Blob(" in page and "Download verdicts (CSV)" in page
     # The data block the download button turns into CSV is intact, even with markup inside samples.
     data = json.loads(re.search(r'<script type="application/json" id="samples">(.*?)</script>', page, re.S)[1])
-    assert data["header"] == ["sample_id", "method", "difficulty", "judge_score", "prompt", "label", "verdict", "notes"]
+    assert data["header"] == ["sample_id", "method", "difficulty", "judge_score", "prompt", "label", "verdict", "rating", "notes"]
     assert [r["sample_id"] for r in data["records"]] == ids
     assert not [p for p in (workdir).iterdir() if p.name.startswith(".review")]  # no temp files left behind
 
@@ -204,3 +203,21 @@ def test_the_review_check_without_a_ledger_judges_nothing_and_a_broken_ledger_is
     done = cli("judge", "--in", "data/generated", "--out", "data/judged3", cwd=workdir)
     assert done.returncode == 2 and "reviews/verdicts.jsonl:2: invalid JSON" in done.stderr
     assert not (workdir / "data" / "judged3").exists()
+
+
+def test_a_bad_rating_and_a_non_utf8_file_are_refused(workdir):
+    sid = read_rows(workdir / "data" / "tagged")[0]["sample_id"]
+    _write_csv(workdir / "bad.csv", [{"sample_id": sid, "verdict": "pass", "rating": "trivial", "notes": ""}])
+    done = cli("review", "import", "bad.csv", "--reviewer", "alice", cwd=workdir)
+    assert done.returncode == 2 and "bad.csv: row 2: rating must be easy, medium, hard or blank, got 'trivial'" in done.stderr
+    (workdir / "latin1.csv").write_bytes(f"sample_id,verdict,notes\n{sid},fail,caf\xe9\n".encode("latin-1"))
+    done = cli("review", "import", "latin1.csv", "--reviewer", "alice", cwd=workdir)
+    assert done.returncode == 2 and "latin1.csv: not UTF-8 text" in done.stderr
+    assert not (workdir / "reviews" / "verdicts.jsonl").exists()
+
+
+def test_exported_cells_never_run_as_spreadsheet_formulas(workdir):
+    from synthforge.text.review import _cell
+
+    assert _cell('=HYPERLINK("http://x")') == '\'=HYPERLINK("http://x")'
+    assert _cell("-1 refund") == "'-1 refund" and _cell("plain") == "plain"

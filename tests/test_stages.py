@@ -213,7 +213,7 @@ def test_difficulty_follows_a_judges_rating_and_a_reviewer_outranks_the_model():
 
     def row(*checks):
         prov = {"generation": {"method": "grounded"}, "judge": {"verdict": "pass", "checks": list(checks)}, "tags": []}
-        return {"prompt": "How long do refunds take?", "constraints": [], "label": "grounded_qa", "provenance": prov}
+        return {"prompt": "Name the refund period.", "constraints": [], "label": "grounded_qa", "provenance": prov}
 
     stage = TagStage({"field": "prompt"})
     model = result("llm_judge", True, score=4, judged_by="judge@abc", difficulty="hard")

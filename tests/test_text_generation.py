@@ -7,6 +7,7 @@ test_text_recipe.py, on tiny GPT-2s.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +176,7 @@ def _generate(project: Path, methods: list[dict], monkeypatch, answer):
     from synthforge.stages.generate import run_generate
 
     llm = ScriptedLLM(answer)
-    monkeypatch.setattr(backends, "build_llm", lambda spec, where, params_file: llm)
+    monkeypatch.setattr(backends, "shared_llm", lambda spec, where, params_file: llm)
     params = yaml.safe_load((RECIPE / "params.yaml").read_text())
     params["generate"]["methods"] = methods
     (project / "params.yaml").write_text(yaml.safe_dump(params))
@@ -214,7 +215,7 @@ def test_paraphrase_keeps_facts_or_is_rejected_with_the_dropped_value(text_proje
     assert by_reason == {"generate.lost_fact", "generate.unparsed"}
     lost = next(r for r in rejected if r["rejected_by"] == "generate.lost_fact")
     assert "AB-1042" in lost["reason"] and lost["provenance"]["generation"]["raw_output"].startswith("Here is")
-    assert stats["metrics"]["by_method"]["paraphrase"]["rejected"] == len(rejected)
+    assert stats["by_method"]["paraphrase"]["rejected"] == len(rejected)
 
 
 def test_grounded_cases_carry_their_passage(text_project, monkeypatch):
@@ -227,7 +228,8 @@ def test_grounded_cases_carry_their_passage(text_project, monkeypatch):
 
     method = {"name": "grounded", "docs": "docs", "kinds": ["qa", "citation"], "per_passage": 2, "distractors": 2, "model": MODEL}
     llm, stats, kept, rejected = _generate(text_project, [method], monkeypatch, answer)
-    passages = {p.id: p for p in load_passages(text_project / "docs")}
+    with contextlib.chdir(text_project):
+        passages = {p.id: p for p in load_passages("docs")}
     assert len(kept) + len(rejected) == 2 * len(passages)
     assert {r["label"] for r in kept} == {"grounded_qa", "grounded_citation"}
     for row in kept:
@@ -244,7 +246,7 @@ def test_grounded_cases_carry_their_passage(text_project, monkeypatch):
             assert all(f"[{pid}]" in row["prompt"] for pid in shown)
     assert rejected and all(r["rejected_by"] == "generate.unparsed" for r in rejected)
     assert all(r["provenance"]["source"]["record_id"].startswith("billing-faq.md#") for r in rejected)
-    assert stats["metrics"]["by_method"]["grounded"]["passages"] == len(passages)
+    assert stats["by_method"]["grounded"]["passages"] == len(passages)
 
 
 def test_same_work_asks_the_same_requests(text_project, monkeypatch):

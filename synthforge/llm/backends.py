@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from synthforge.errors import BadInput, SynthforgeError
 from synthforge.llm.cache import ResponseCache, request_key
@@ -81,6 +81,7 @@ class _CachedLLM(ABC):
     """What both backends share: the defaults of a request, the identity, and the response cache around `_generate`."""
 
     backend: str  # part of every cache key
+    cache_scope: str | None = None  # where the model runs, when that can change the answer (a server's URL)
 
     def __init__(
         self, model_id: str, model_revision: str | None, max_new_tokens: int, temperature: float, cache: str | Path | None
@@ -111,7 +112,7 @@ class _CachedLLM(ABC):
         results: list[Completion | None] = [None] * len(requests)
         waiting: dict[str, list[int]] = {}  # cache key -> indices of the requests it answers
         for index, request in enumerate(requests):
-            key = request_key(self.backend, self.model_id, self.model_revision, request)
+            key = request_key(self.backend, self.model_id, self.model_revision, request, self.cache_scope)
             hit = self.cache.get(key) if self.cache is not None else None
             if hit is not None:
                 results[index] = Completion(hit[0], self.model_id, self.model_revision, cached=True, finish_reason=hit[1])
@@ -286,11 +287,12 @@ class OpenAICompatibleLLM(_CachedLLM):
         if api_key_env is not None:
             api_key = os.environ.get(api_key_env)
             if not api_key:
-                raise BadInput(
-                    f"{param}.api_key_env: the environment variable {api_key_env} is not set (it should hold the API key)"
-                )
+                # Echo the name only when it looks like one: a key pasted here by mistake must not reach a log.
+                name = api_key_env if re.fullmatch(r"[A-Z][A-Z0-9_]{0,63}", api_key_env) else "named there"
+                raise BadInput(f"{param}.api_key_env: the environment variable {name} is not set (it should hold the API key)")
         super().__init__(model, None, max_new_tokens, temperature, cache)
         self.base_url = base_url
+        self.cache_scope = base_url.rstrip("/")  # two servers may serve different weights under one model name
         self.concurrency = concurrency
         self.max_retries = max_retries
         self.timeout_s = timeout_s
@@ -425,3 +427,16 @@ def build_llm(spec: dict, where: str, params_file: str) -> LLM:
     if backend == "transformers":
         return TransformersLLM(spec["model"], param=param, **options)
     return OpenAICompatibleLLM(spec["model"], options.pop("base_url"), param=param, **options)
+
+
+_SHARED: dict[str, LLM] = {}
+
+
+def shared_llm(spec: dict[str, Any], where: str, params_file: str) -> LLM:
+    """One loaded model per spec in a process: two methods naming the same generator share its weights."""
+    from synthforge.provenance import canonical_json
+
+    key = canonical_json(spec)
+    if key not in _SHARED:
+        _SHARED[key] = build_llm(spec, where, params_file)
+    return _SHARED[key]

@@ -23,10 +23,11 @@ if TYPE_CHECKING:
 FILENAME = "responses.sqlite"
 
 
-def request_key(backend: str, model: str, revision: str | None, request: ChatRequest) -> str:
-    """sha256 of the canonical JSON of what decides the response to `request`."""
+def request_key(backend: str, model: str, revision: str | None, request: ChatRequest, scope: str | None = None) -> str:
+    """sha256 of the canonical JSON of what decides the response to `request` (scope: the server, if any)."""
     fields = {
         "backend": backend,
+        "scope": scope,
         "model": model,
         "revision": revision,
         "messages": [list(message) for message in request.messages],

@@ -25,7 +25,7 @@ from synthforge.minhash import (
     normalize,
     optimal_bands,
 )
-from synthforge.stagedir import Row, StageBase, StageInput, reject, run_stage
+from synthforge.stagedir import Row, StageBase, StageInput, reject, require_columns, run_stage
 
 
 def _encoder(section: dict[str, Any], where: str, params_file: str):
@@ -348,13 +348,18 @@ class ImageDedupStage(StageBase):
 
 def run_dedup(params: dict[str, Any], src: str | Path, out: str | Path) -> dict:
     section = params["dedup"]
+    params_file = params.get("__file__", "params.yaml")
+    source = StageInput.open(src)
     if "image" in section:
         from synthforge.vision.real import real_info
 
-        stage = ImageDedupStage(section["image"], params.get("__file__", "params.yaml"))
+        stage = ImageDedupStage(section["image"], params_file)
         real = section["image"].get("against_real")
         inputs = {"real": real_info(Path(real))["digest"]} if real else {}
     else:
-        stage = DedupStage(section, params.get("__file__", "params.yaml"))
+        require_columns(source, section["fields"], f"{params_file}: dedup.fields")
+        stage = DedupStage(section, params_file)
+        if stage.decontaminator:
+            require_columns(source, stage.decontaminate_fields, f"{params_file}: dedup.decontaminate.fields")
         inputs = stage.extra_inputs()
-    return run_stage(stage, StageInput.open(src), out, {"dedup": section}, extra_inputs=inputs)
+    return run_stage(stage, source, out, {"dedup": section}, extra_inputs=inputs)

@@ -17,7 +17,7 @@ from typing import Any
 from synthforge.errors import BadInput
 from synthforge.params import parse_options
 from synthforge.plugins import resolve
-from synthforge.stagedir import Row, StageBase, StageInput, reject, run_stage
+from synthforge.stagedir import Row, StageBase, StageInput, reject, require_columns, run_stage
 
 
 def result(
@@ -420,6 +420,9 @@ def run_judge(params: dict[str, Any], src: str | Path, out: str | Path, allow_se
     # What else decides the verdicts goes into the fingerprint: models, the rubric's wording, reviewers' verdicts.
     extra = {f"classifier:{c.o.classifier}": classifier_digest(c.o.classifier) for c in checks if isinstance(c, VogFilter)}
     extra |= {f"review:{c.ledger}": c.digest for c in checks if isinstance(c, ReviewCheck)}
+    for c in checks:
+        extra |= getattr(c, "inputs", {})  # the models a check runs (encoders, classifiers)
+        require_columns(source, getattr(c, "columns", ()), f"{params_file}: {getattr(c, 'where', 'judge.checks')}")
     judges = [c for c in checks if isinstance(c, LLMJudgeCheck)]
     generators = generator_models(source) if judges else set()
     for c in judges:

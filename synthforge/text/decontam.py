@@ -29,6 +29,7 @@ import numpy as np
 from synthforge.errors import BadInput
 from synthforge.minhash import joined_text
 from synthforge.provenance import canonical_json, sha256_hex
+from synthforge.text.embeddings import sentences
 from synthforge.text.semantic import nearest
 
 if TYPE_CHECKING:
@@ -317,8 +318,21 @@ class Decontaminator:
         if not todo:
             return
         vectors = embeddings[todo] if embeddings is not None else self.encoder.encode([texts[i] for i in todo])
-        item, similarity = nearest(vectors, self._embeddings)
-        for i, k, sim in zip(todo, item.tolist(), similarity.tolist(), strict=True):
+        best_item, best = nearest(vectors, self._embeddings)
+        # A reworded eval question inside a long prompt (an instruction and a passage around it) is close to the
+        # eval item only on its own: each sentence and line is compared too, and the closest counts.
+        owner, pieces = [], []
+        for position, i in enumerate(todo):
+            split = sentences(texts[i])
+            if len(split) > 1:
+                owner += [position] * len(split)
+                pieces += split
+        if pieces:
+            item, similarity = nearest(self.encoder.encode(pieces), self._embeddings)
+            for position, k, sim in zip(owner, item.tolist(), similarity.tolist(), strict=True):
+                if sim > best[position]:
+                    best[position], best_item[position] = sim, k
+        for i, k, sim in zip(todo, best_item.tolist(), best.tolist(), strict=True):
             if sim >= self.embedding_threshold:
                 found[i] = self._match(k, "embedding", self._eval_texts[k], similarity=sim)
 

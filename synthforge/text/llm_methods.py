@@ -8,6 +8,7 @@ what breaks the method's rule (a paraphrase that drops a fact), goes to `rejecte
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import re
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from synthforge.errors import BadInput
+from synthforge.llm.parsing import json_objects
 from synthforge.provenance import sha256_hex
-from synthforge.stages.generate import CONTENT_SCHEMA, GenerateContext, Planned, Row, jinja_env
+from synthforge.stages.generate import CONTENT_SCHEMA, GenerateContext, Planned, Row
 from synthforge.text.passages import Passage, load_passages, passages_digest
 
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
@@ -29,13 +31,38 @@ def request_seed(seed: int, key: str) -> int:
     return int(sha256_hex(f"{seed}:{key}")[:8], 16)
 
 
-def _render(template: str, variables: dict[str, Any]) -> str:
-    return jinja_env().from_string(template).render(variables).strip()
+@functools.cache
+def _strict_env():
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    return SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+
+
+@functools.cache
+def _compiled(path: str, key: str, source: str):
+    from jinja2 import TemplateError
+
+    try:
+        return _strict_env().from_string(source)
+    except TemplateError as exc:
+        raise BadInput(f"{path}: {key}: not a valid template: {exc}") from None
+
+
+def _render(tpl, key: str, variables: dict[str, Any]) -> str:
+    """A template's part rendered strictly: a misspelt variable is an error naming the file, never a prompt with a
+    hole in it sent to a model."""
+    from jinja2 import TemplateError
+
+    try:
+        return _compiled(tpl.path, key, tpl.body[key]).render(variables).strip()
+    except TemplateError as exc:
+        raise BadInput(f"{tpl.path}: {key}: {exc} (variables: {', '.join(sorted(variables))})") from None
 
 
 def _messages(tpl, variables: dict[str, Any]) -> list[tuple[str, str]]:
-    messages = [("system", _render(tpl.body["system"], variables))] if tpl.body.get("system") else []
-    return messages + [("user", _render(tpl.body["user"], variables))]
+    messages = [("system", _render(tpl, "system", variables))] if tpl.body.get("system") else []
+    return messages + [("user", _render(tpl, "user", variables))]
 
 
 def _short(text: str, limit: int = 160) -> str:
@@ -73,13 +100,8 @@ def reference_values(reference: str | None) -> list[str]:
 def parse_question_answer(raw: str) -> tuple[tuple[str, str] | None, str | None]:
     """((question, answer), None) from a JSON object anywhere in the answer (fenced or not), else from
     "Question: ... Answer: ..." lines; (None, why) when neither is there."""
-    decoder = json.JSONDecoder()
-    for start in (m.start() for m in re.finditer(r"\{", raw)):
-        try:
-            obj, _ = decoder.raw_decode(raw, start)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("question"), str) and isinstance(obj.get("answer"), (str, int, float)):
+    for obj in json_objects(raw):
+        if isinstance(obj.get("question"), str) and isinstance(obj.get("answer"), (str, int, float)):
             question, answer = obj["question"].strip(), str(obj["answer"]).strip()
             if question and answer:
                 return (question, answer), None
@@ -96,12 +118,12 @@ class LLMMethod:
     name: str
 
     def __init__(self, options, where: str, params_file: str):
-        from synthforge.llm.backends import build_llm
+        from synthforge.llm.backends import shared_llm
 
         self.o = options
         self.where = where
         self.params_file = params_file
-        self.llm = build_llm(options.model, f"{where}.model", params_file)
+        self.llm = shared_llm(options.model, f"{where}.model", params_file)
         self.metrics: dict[str, Any] = {"model": self.llm.identity}
 
     @property
@@ -168,6 +190,11 @@ class Paraphrase(LLMMethod):
             original = parent[self.o.field]
             text, problem = parse_rewrite(completion.text, original)
             rejection = ("generate.unparsed", f"{problem}: {_short(completion.text)!r}") if problem else None
+            if text is not None and completion.finish_reason == "length":
+                text, rejection = (
+                    None,
+                    ("generate.truncated", f"the rewrite stopped at max_new_tokens: {_short(completion.text)!r}"),
+                )
             if text is not None and self.o.keep_values_from:
                 lost = [v for v in reference_values(parent.get(self.o.keep_values_from)) if v not in text]
                 if lost:
@@ -256,7 +283,7 @@ class SourceGrounded(LLMMethod):
                 jobs.append((passage, copy, self.o.kinds[rng.randrange(len(self.o.kinds))]))
         requests = [
             self.llm.request(
-                _messages(tpl, {"passage": p.text, "passage_id": p.id, "title": p.title}),
+                _messages(tpl, {"passage": p.text, "passage_id": p.id, "title": p.title, "copy": copy}),
                 seed=request_seed(ctx.seed, f"{p.id}:{copy}"),
             )
             for p, copy, _ in jobs
@@ -275,7 +302,7 @@ class SourceGrounded(LLMMethod):
             variables = {"passage": passage.text, "passage_id": passage.id, "title": passage.title, "question": question}
             variables["passages"] = [{"id": p.id, "title": p.title, "text": p.text} for p in shown]
             content = {
-                "prompt": _render(tpl.body[kind], variables) if qa else completion.text,
+                "prompt": _render(tpl, kind, variables) if qa else completion.text,
                 "reference": json.dumps(reference, ensure_ascii=False),
                 "label": KIND_LABELS[kind],
                 "constraints": [],

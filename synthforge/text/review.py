@@ -29,7 +29,8 @@ from synthforge.stagedir import Row, StageInput
 LEDGER = "reviews/verdicts.jsonl"
 SCORE_CHECK = "llm_judge"  # whose score the judge-score strata are made of
 FIXED_COLUMNS = ("sample_id", "method", "difficulty", "judge_score")
-VERDICT_COLUMNS = ("verdict", "notes")
+VERDICT_COLUMNS = ("verdict", "rating", "notes")  # rating: the difficulty the reviewer gives (optional)
+RATINGS = ("easy", "medium", "hard")
 DEFAULT_FIELDS = ("prompt", "reference", "context")
 
 
@@ -82,7 +83,10 @@ def allocate(sizes: dict[Any, int], n: int) -> dict[Any, int]:
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    # A spreadsheet runs a cell starting with = + - @ as a formula, and adversarial samples carry attack text:
+    # a leading quote keeps it text (import reads only sample_id, verdict, rating and notes).
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
 
 
 def export_review(src: str | Path, out: str | Path, n: int = 50, seed: int = 0, fields: list[str] | None = None) -> dict:
@@ -128,6 +132,7 @@ def export_review(src: str | Path, out: str | Path, n: int = 50, seed: int = 0, 
                     "judge_score": "" if score is None else f"{score:g}",
                     **{f: _cell(row.get(f)) for f in fields},
                     "verdict": "",
+                    "rating": "",
                     "notes": "",
                 }
     header = [*FIXED_COLUMNS, *fields, *VERDICT_COLUMNS]
@@ -162,6 +167,8 @@ then run <code>synthforge review import FILE --reviewer NAME</code></div>
 {% for f in fields %}<h4>{{ f }}</h4><pre>{{ r[f] }}</pre>
 {% endfor %}<label><input type="radio" name="v{{ loop.index }}" value="pass"> pass</label>
 <label><input type="radio" name="v{{ loop.index }}" value="fail"> fail</label>
+<label>difficulty <select><option value=""></option><option>easy</option><option>medium</option>
+<option>hard</option></select></label>
 <textarea placeholder="notes (why it fails)"></textarea>
 </section>
 {% endfor %}<script type="application/json" id="samples">{{ data }}</script>
@@ -177,6 +184,7 @@ document.getElementById("download").addEventListener("click", function () {
     const section = document.querySelector('section[data-sample="' + record.sample_id + '"]');
     const checked = section.querySelector("input[type=radio]:checked");
     record.verdict = checked ? checked.value : "";
+    record.rating = section.querySelector("select").value;
     record.notes = section.querySelector("textarea").value;
     lines.push(data.header.map(function (c) { return cell(record[c]); }).join(","));
   }
@@ -224,11 +232,14 @@ def read_ledger(path: str | Path) -> dict[str, dict[str, str]]:
             raise BadInput(f"{path}:{lineno}: a review needs string sample_id and reviewer")
         if entry.get("verdict") not in ("pass", "fail"):
             raise BadInput(f"{path}:{lineno}: verdict must be pass or fail, got {entry.get('verdict')!r}")
+        if entry.get("rating") not in (None, "", *RATINGS):
+            raise BadInput(f"{path}:{lineno}: rating must be one of {', '.join(RATINGS)} or empty, got {entry['rating']!r}")
         entries.pop(entry["sample_id"], None)  # the later line is the later review
         entries[entry["sample_id"]] = {
             "sample_id": entry["sample_id"],
             "verdict": entry["verdict"],
             "notes": str(entry.get("notes") or ""),
+            "rating": entry.get("rating") or "",
             "reviewer": entry["reviewer"],
             "reviewed_at": str(entry.get("reviewed_at") or ""),
         }
@@ -253,15 +264,21 @@ def import_review(filled: str | Path, reviewer: str, ledger: str | Path = LEDGER
     known = _stage_ids(stage) if stage is not None else None
     with filled.open(encoding="utf-8-sig", newline="") as fh:  # utf-8-sig: spreadsheets save a byte order mark
         reader = csv.DictReader(fh)
-        missing = [c for c in ("sample_id", "verdict") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise BadInput(f"{filled}: row 1: missing column(s) {', '.join(missing)} (columns: {reader.fieldnames})")
-        rows = list(reader)
+        try:
+            missing = [c for c in ("sample_id", "verdict") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise BadInput(f"{filled}: row 1: missing column(s) {', '.join(missing)} (columns: {reader.fieldnames})")
+            rows = list(reader)
+        except UnicodeDecodeError as exc:
+            raise BadInput(f"{filled}: not UTF-8 text (byte {exc.start}): save it as a UTF-8 CSV") from None
+        except csv.Error as exc:
+            raise BadInput(f"{filled}: row {reader.line_num}: not a readable CSV row: {exc}") from None
 
     errors, verdicts, first_row, blank = [], [], {}, 0
     for number, row in enumerate(rows, start=2):
         sid = (row.get("sample_id") or "").strip()
         verdict = (row.get("verdict") or "").strip().lower()
+        rating = (row.get("rating") or "").strip().lower()
         if not sid:
             errors.append(f"{filled}: row {number}: empty sample_id")
             continue
@@ -273,25 +290,28 @@ def import_review(filled: str | Path, reviewer: str, ledger: str | Path = LEDGER
             errors.append(f"{filled}: row {number}: unknown sample_id {sid} (not in {stage})")
         if verdict not in ("pass", "fail", ""):
             errors.append(f"{filled}: row {number}: verdict must be pass, fail or blank, got {row['verdict']!r}")
+        elif rating not in ("", *RATINGS):
+            errors.append(f"{filled}: row {number}: rating must be {', '.join(RATINGS)} or blank, got {row['rating']!r}")
         elif not verdict:
             blank += 1
         else:
-            verdicts.append((sid, verdict, (row.get("notes") or "").strip()))
+            verdicts.append((sid, verdict, rating, (row.get("notes") or "").strip()))
     if errors:
         shown = errors[:20] + ([f"... and {len(errors) - 20} more"] if len(errors) > 20 else [])
         raise BadInput(f"{len(errors)} invalid row(s), nothing recorded:\n" + "\n".join(shown))
 
     entries = read_ledger(ledger)
-    replaced = sum(sid in entries for sid, _, _ in verdicts)
+    replaced = sum(sid in entries for sid, *_ in verdicts)
     reviewed_at = now_iso()
-    for sid, verdict, notes in verdicts:
+    for sid, verdict, rating, notes in verdicts:
         entries.pop(sid, None)
-        entries[sid] = {"sample_id": sid, "verdict": verdict, "notes": notes, "reviewer": reviewer, "reviewed_at": reviewed_at}
+        entry = {"sample_id": sid, "verdict": verdict, "rating": rating, "notes": notes, "reviewer": reviewer}
+        entries[sid] = {**entry, "reviewed_at": reviewed_at}
     _write_atomic(ledger, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries.values()))
     return {
         "recorded": len(verdicts),
-        "pass": sum(v == "pass" for _, v, _ in verdicts),
-        "fail": sum(v == "fail" for _, v, _ in verdicts),
+        "pass": sum(v == "pass" for _, v, *_ in verdicts),
+        "fail": sum(v == "fail" for _, v, *_ in verdicts),
         "blank": blank,
         "replaced": replaced,
         "ledger": str(ledger),
@@ -332,4 +352,4 @@ class ReviewCheck:
             return None
         ok = entry["verdict"] == "pass"
         reason = entry["notes"] or (None if ok else f"failed manual review by {entry['reviewer']}")
-        return result(self.name, ok, reason, judged_by=entry["reviewer"])
+        return result(self.name, ok, reason, judged_by=entry["reviewer"], difficulty=entry["rating"] or None)

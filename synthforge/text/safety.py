@@ -69,6 +69,11 @@ class SafetyCheck:
         if not self.patterns and options.classifier is None:
             raise BadInput(f"{params_file}: {where}: nothing to check: give `categories` of patterns, a `classifier`, or both")
         self.classifier = _Classifier(options, where, params_file) if options.classifier else None
+        self.where, self.columns = where, list(options.fields)
+
+    @property
+    def inputs(self) -> dict[str, str]:
+        return {f"classifier:{self.where}": self.classifier.identity} if self.classifier else {}
 
     def check_batch(self, rows: list[Row]) -> list[dict]:
         from synthforge.stages.judge import result  # judge.py imports this module to register the check
