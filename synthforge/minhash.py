@@ -38,7 +38,8 @@ def exact_hash(text: str) -> str:
     return hashlib.sha256(normalize(text).encode("utf-8")).hexdigest()[:32]
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser: a well-spread 64-bit hash of each 64-bit value."""
     x = x + np.uint64(0x9E3779B97F4A7C15)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -76,7 +77,7 @@ class MinHasher:
         h = np.zeros(len(first_word), dtype=np.uint64)
         for j in range(self.ngram):
             take = np.flatnonzero(j < width)
-            h[take] = _splitmix64(h[take] ^ word_hashes[first_word[take] + j])
+            h[take] = splitmix64(h[take] ^ word_hashes[first_word[take] + j])
         return h, counts
 
     def signatures(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -139,7 +140,7 @@ def candidate_pairs(sigs: np.ndarray, bands: int, rows: int, star_above: int = 6
         cols = sigs[:, band * rows : (band + 1) * rows].astype(np.uint64)
         key = np.full(len(sigs), np.uint64(band), dtype=np.uint64)
         for c in range(cols.shape[1]):
-            key = _splitmix64(key ^ cols[:, c])
+            key = splitmix64(key ^ cols[:, c])
         order = np.argsort(key, kind="stable")
         sorted_keys = key[order]
         boundaries = np.flatnonzero(np.diff(sorted_keys)) + 1

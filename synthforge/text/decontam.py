@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from synthforge.errors import BadInput
-from synthforge.minhash import joined_text
+from synthforge.minhash import joined_text, splitmix64
 from synthforge.provenance import canonical_json, sha256_hex
 from synthforge.text.embeddings import sentences
 from synthforge.text.semantic import nearest
@@ -206,14 +206,6 @@ def words(text: str) -> tuple[str, list[str], list[tuple[int, int]]]:
     return text, [m.group().casefold() for m in found], [m.span() for m in found]
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: a well-spread 64-bit hash of a 64-bit value."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
 def _grams(token_ids: np.ndarray, text_of: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     """(start, hash) of every run of `width` tokens inside one text with no unknown token (id -1)."""
     if len(token_ids) < width:
@@ -223,7 +215,7 @@ def _grams(token_ids: np.ndarray, text_of: np.ndarray, width: int) -> tuple[np.n
     start = start[(text_of[start] == text_of[start + width - 1]) & (unknown[start + width] == unknown[start])]
     h = np.full(len(start), width, dtype=np.uint64)  # the width seeds the hash: grams of different lengths differ
     for k in range(width):
-        h = _mix(h ^ token_ids[start + k].astype(np.uint64))
+        h = splitmix64(h ^ token_ids[start + k].astype(np.uint64))
     return start, h
 
 
