@@ -259,8 +259,12 @@ def test_http_server_that_keeps_failing_raises_and_keeps_what_succeeded(fault_pr
     assert isinstance(failure.value, SynthforgeError)  # the CLI prints the message and exits non-zero
     assert proxy.received == 4  # 2 answers, then the third request twice; the fourth was never sent
 
-    resumed = http_llm(llm_server.base_url, generator_lm, cache=tmp_path).complete(requests)
-    assert [c.cached for c in resumed] == [True, True, False, False]
+    proxy.fail_from = None  # the server is back: a rerun sends only what the failed run had no answer for
+    resumed = http_llm(proxy.base_url, generator_lm, cache=tmp_path).complete(requests)
+    assert [c.cached for c in resumed] == [True, True, False, False] and proxy.received == 6
+    # The cache is per server: the same model name behind another URL may be other weights.
+    elsewhere = http_llm(llm_server.base_url, generator_lm, cache=tmp_path).complete(requests)
+    assert not any(c.cached for c in elsewhere)
 
 
 def test_http_timeout(fault_proxy, generator_lm):

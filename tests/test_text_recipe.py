@@ -24,7 +24,7 @@ def test_llm_methods_record_model_prompt_and_raw_output(project, generator_lm):
             assert gen["model"] == str(generator_lm) and gen["model_revision"]
             assert gen["raw_output"] is not None and gen["parsed"] in (True, False)
             assert gen["prompt_template_id"] == {"paraphrase": "paraphrase", "grounded": "grounded-qa"}[method]
-            assert m["kept"] or m["rejected_by"] in ("generate.unparsed", "generate.lost_fact")
+            assert m["kept"] or m["rejected_by"] in ("generate.unparsed", "generate.lost_fact", "generate.truncated")
     for m in by_method["grounded"]:
         source = m["provenance"]["source"]
         assert source["uri"].startswith("docs/") and source["record_id"].split("#")[0] in source["uri"]
