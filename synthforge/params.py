@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -107,3 +108,14 @@ def parse_options(options_cls: type, raw: dict[str, Any], where: str, params_fil
 
 def _type_name(annotation) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def compile_patterns(patterns: list, where: str) -> list[re.Pattern]:
+    """Case-insensitive regular expressions from a params list; a bad one is named by its key path (`where[j]`)."""
+    compiled = []
+    for j, pattern in enumerate(patterns):
+        try:
+            compiled.append(re.compile(str(pattern), re.IGNORECASE))
+        except re.error as exc:
+            raise BadInput(f"{where}[{j}]: invalid regular expression {pattern!r}: {exc}") from None
+    return compiled

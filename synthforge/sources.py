@@ -74,29 +74,34 @@ class PromptTemplate:
                 raise BadInput(f"{self.path}: missing key {key!r} (template {self.id!r})")
 
 
-def load_prompts(folder: str | Path) -> dict[str, PromptTemplate]:
+def load_template(path: Path, what: str = "a prompt template") -> PromptTemplate:
+    """One versioned YAML file (a prompt template, a judge's rubric): a mapping with at least `id` and `version`."""
     import yaml
 
+    raw = path.read_bytes()
+    try:
+        body = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise BadInput(f"{path}{':' + str(mark.line + 1) if mark else ''}: not valid YAML") from None
+    if not isinstance(body, dict):
+        raise BadInput(f"{path}: {what} is a YAML mapping")
+    for key in ("id", "version"):
+        if not body.get(key):
+            raise BadInput(f"{path}: missing key {key!r}")
+    return PromptTemplate(str(path), str(body["id"]), str(body["version"]), sha256_hex(raw), body)
+
+
+def load_prompts(folder: str | Path) -> dict[str, PromptTemplate]:
     folder = Path(folder)
     if not folder.is_dir():
         raise BadInput(f"{folder}: prompt template folder not found")
     prompts: dict[str, PromptTemplate] = {}
     for path in sorted(folder.glob("*.y*ml")):
-        raw = path.read_bytes()
-        try:
-            body = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise BadInput(f"{path}{':' + str(mark.line + 1) if mark else ''}: not valid YAML") from None
-        if not isinstance(body, dict):
-            raise BadInput(f"{path}: a prompt template is a YAML mapping")
-        for key in ("id", "version"):
-            if not body.get(key):
-                raise BadInput(f"{path}: missing key {key!r}")
-        pid = str(body["id"])
-        if pid in prompts:
-            raise BadInput(f"{path}: duplicate template id {pid!r} (also in {prompts[pid].path})")
-        prompts[pid] = PromptTemplate(str(path), pid, str(body["version"]), sha256_hex(raw), body)
+        template = load_template(path)
+        if template.id in prompts:
+            raise BadInput(f"{path}: duplicate template id {template.id!r} (also in {prompts[template.id].path})")
+        prompts[template.id] = template
     if not prompts:
         raise BadInput(f"{folder}: no prompt templates (*.yaml)")
     return prompts

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from synthforge.errors import BadInput, SynthforgeError
 from synthforge.llm.cache import ResponseCache, request_key
-from synthforge.llm.models import hub_revision, load_dtype, pick_device, resolve_model
+from synthforge.llm.models import load_causal_lm, pick_device, resolve_model
 
 ROLES = ("system", "user", "assistant")
 Messages = tuple[tuple[str, str], ...]
@@ -160,28 +160,16 @@ class TransformersLLM(_CachedLLM):
         batch_size: int = 8,
         param: str = "model",
     ):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         source, revision = resolve_model(model, f"{param}.model")
         super().__init__(model, revision, max_new_tokens, temperature, cache)
         self.batch_size = batch_size
         self.device = pick_device(device)
         self._param = param
-        pinned = hub_revision(source, revision)
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(source, revision=pinned)
-            self._model = AutoModelForCausalLM.from_pretrained(source, revision=pinned, dtype=load_dtype(self.device))
-        except (OSError, ValueError, KeyError) as exc:  # missing files, not a causal LM, unknown architecture
-            raise BadInput(f"{param}.model: {model}: cannot load a causal language model and its tokenizer: {exc}") from None
-        if self._tokenizer.pad_token is None:
-            if self._tokenizer.eos_token is None:
-                raise BadInput(f"{param}.model: {model}: the tokenizer has neither a pad nor an eos token to pad batches with")
-            self._tokenizer.pad_token = self._tokenizer.eos_token
-        self._tokenizer.padding_side = "left"  # decoder-only: every prompt must end where generation starts
+        self._tokenizer, self._model = load_causal_lm(model, source, revision, self.device, f"{param}.model")
         self.uses_chat_template = bool(getattr(self._tokenizer, "chat_template", None))
         eos = self._model.generation_config.eos_token_id
         self._stop_ids = {token for token in (eos if isinstance(eos, list) else [eos]) if token is not None}
-        self._model.to(self.device).eval()
 
     def __repr__(self) -> str:
         return f"TransformersLLM({self.identity!r}, device={str(self.device)!r}, batch_size={self.batch_size})"

@@ -71,3 +71,22 @@ def load_dtype(device: torch.device) -> Any:
 
     # The checkpoint's own dtype on a GPU (half precision for most LLMs); float32 on CPU, where half is slow.
     return "auto" if device.type == "cuda" else torch.float32
+
+
+def load_causal_lm(model: str, source: str, revision: str | None, device: torch.device, where: str) -> tuple[Any, Any]:
+    """(tokenizer, model) of a causal LM ready for batched generation: a pad token (eos when it has none), left
+    padding, on `device` in eval mode. `where` is the params key that named the model, for errors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pinned = hub_revision(source, revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=pinned)
+        lm = AutoModelForCausalLM.from_pretrained(source, revision=pinned, dtype=load_dtype(device))
+    except (OSError, ValueError, KeyError) as exc:  # missing files, not a causal LM, unknown architecture
+        raise BadInput(f"{where}: {model}: cannot load a causal language model and its tokenizer: {exc}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise BadInput(f"{where}: {model}: the tokenizer has neither a pad nor an eos token to pad batches with")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # decoder-only: every prompt must end where generation starts
+    return tokenizer, lm.to(device).eval()

@@ -9,13 +9,12 @@ Checks are named in `params.yaml: judge.checks` and resolved by name (third part
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from synthforge.errors import BadInput
-from synthforge.params import parse_options
+from synthforge.params import compile_patterns, parse_options
 from synthforge.plugins import resolve
 from synthforge.stagedir import Row, StageBase, StageInput, reject, require_columns, run_stage
 
@@ -147,12 +146,7 @@ class BannedPatternsCheck:
 
     def __init__(self, options: BannedPatternsOptions, where: str, params_file: str):
         self.fields = options.fields
-        self.patterns = []
-        for i, pattern in enumerate(options.patterns):
-            try:
-                self.patterns.append(re.compile(pattern, re.IGNORECASE))
-            except re.error as exc:
-                raise BadInput(f"{params_file}: {where}.patterns[{i}]: invalid regular expression {pattern!r}: {exc}") from None
+        self.patterns = compile_patterns(options.patterns, f"{params_file}: {where}.patterns")
 
     def check(self, row: Row) -> dict:
         for key in self.fields:

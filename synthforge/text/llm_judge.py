@@ -28,6 +28,7 @@ from typing import Any
 from synthforge.errors import BadInput
 from synthforge.llm.parsing import json_objects
 from synthforge.provenance import sha256_hex
+from synthforge.sources import load_template
 from synthforge.stagedir import Row, StageInput
 
 DIFFICULTIES = ("easy", "medium", "hard")
@@ -64,7 +65,6 @@ class Rubric:
 
 
 def load_rubric(path: str | Path, param: str) -> Rubric:
-    import yaml
     from jinja2 import StrictUndefined, TemplateSyntaxError
     from jinja2.sandbox import SandboxedEnvironment
 
@@ -78,15 +78,9 @@ def load_rubric(path: str | Path, param: str) -> Rubric:
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"{param}: rubric file {path} not found")
-    raw = path.read_bytes()
-    try:
-        body = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise BadInput(f"{path}{':' + str(mark.line + 1) if mark else ''}: not valid YAML") from None
-    if not isinstance(body, dict):
-        raise BadInput(f"{path}: a rubric is a YAML mapping with id, version, system, user and scale")
-    for key in ("id", "version", "user", "scale"):
+    template = load_template(path, "a rubric (id, version, system, user and scale)")
+    body = template.body
+    for key in ("user", "scale"):
         if body.get(key) in (None, ""):
             raise BadInput(f"{path}: missing key {key!r}")
     scale = body["scale"]
@@ -100,10 +94,10 @@ def load_rubric(path: str | Path, param: str) -> Rubric:
     except TemplateSyntaxError as exc:
         raise BadInput(f"{path}: user: template syntax error on line {exc.lineno}: {exc.message}") from None
     return Rubric(
-        str(path),
-        str(body["id"]),
-        str(body["version"]),
-        sha256_hex(raw),
+        template.path,
+        template.id,
+        template.version,
+        template.hash,
         str(body.get("system") or ""),
         user,
         scale["min"],

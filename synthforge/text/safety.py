@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 
 from synthforge.errors import BadInput
+from synthforge.params import compile_patterns
 from synthforge.stagedir import Row
 
 
@@ -44,13 +45,8 @@ class SafetyCheck:
         for category, patterns in options.categories.items():
             if not isinstance(patterns, list):
                 raise BadInput(f"{params_file}: {where}.categories.{category}: expected a list of regular expressions")
-            for j, pattern in enumerate(patterns):
-                try:
-                    self.patterns.append((category, re.compile(str(pattern), re.IGNORECASE)))
-                except re.error as exc:
-                    raise BadInput(
-                        f"{params_file}: {where}.categories.{category}[{j}]: invalid regular expression {pattern!r}: {exc}"
-                    ) from None
+            compiled = compile_patterns(patterns, f"{params_file}: {where}.categories.{category}")
+            self.patterns += [(category, pattern) for pattern in compiled]
         exempt = options.exempt_methods
         if isinstance(exempt, list):
             exempt = {method: list(options.categories) for method in exempt}

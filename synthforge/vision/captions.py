@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from synthforge.errors import BadInput
-from synthforge.llm.models import hub_revision, load_dtype, pick_device, resolve_model
+from synthforge.llm.models import hub_revision, load_causal_lm, load_dtype, pick_device, resolve_model
 
 if TYPE_CHECKING:
     pass
@@ -177,7 +177,6 @@ class CaptionPerturber:
         batch_size: int = 8,
         param: str = PERTURB_PARAM,
     ):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         group = param.rsplit(".", 1)[0]
         for key, value in (("max_words", max_words), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
@@ -193,20 +192,8 @@ class CaptionPerturber:
         self._param = param
         source, self.model_revision = resolve_model(model, param)
         self.device = pick_device(device)
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(source, revision=hub_revision(source, self.model_revision))
-            self._model = AutoModelForCausalLM.from_pretrained(
-                source, revision=hub_revision(source, self.model_revision), dtype=load_dtype(self.device)
-            )
-        except (OSError, ValueError, KeyError) as exc:  # missing files, not a causal LM, unknown architecture
-            raise BadInput(f"{param}: {model}: cannot load a causal language model and its tokenizer: {exc}") from None
-        if self._tokenizer.pad_token is None:
-            if self._tokenizer.eos_token is None:
-                raise BadInput(f"{param}: {model}: the tokenizer has neither a pad nor an eos token to pad batches with")
-            self._tokenizer.pad_token = self._tokenizer.eos_token
-        self._tokenizer.padding_side = "left"  # decoder-only: every prompt must end where generation starts
+        self._tokenizer, self._model = load_causal_lm(model, source, self.model_revision, self.device, param)
         self.uses_chat_template = bool(getattr(self._tokenizer, "chat_template", None))
-        self._model.to(self.device).eval()
 
     def prompt(self, class_name: str, caption: str, m: int) -> str:
         """The text the model is given for one seed (see render_prompt)."""
