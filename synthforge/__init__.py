@@ -8,7 +8,8 @@ __all__ = ["__version__", "load"]
 
 
 def load(name: str, version: str, registry: str | None = None, **kwargs):
-    """Load a published version as a `datasets.DatasetDict`, pinned to that version's commit."""
-    from synthforge.registry import load as _load
+    """Load a published version (a local registry name, or hf://ORG/NAME) as a `datasets.DatasetDict`, pinned to
+    that version's commit. A version that a later quarantine marked as affected loads with a warning."""
+    from synthforge.versions import load as _load
 
     return _load(name, version, registry=registry, **kwargs)

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from synthforge.errors import SynthforgeError
+from synthforge.errors import BadInput, SynthforgeError
 
 app = typer.Typer(
     help="Versioned synthetic datasets with per-sample provenance.",
@@ -247,34 +247,102 @@ def ingest(
 
 @app.command()
 def publish(
-    name: Annotated[str | None, typer.Option("--name", help="Dataset name (default: params publish.name).")] = None,
-    version: Annotated[str | None, typer.Option("--version", help="Semantic version, e.g. 1.0.0.")] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Dataset name in the local registry (default: params publish.name).")
+    ] = None,
+    version: Annotated[
+        str | None,
+        typer.Option("--version", help="Semantic version, e.g. 1.2.0 (default: what the diff against the latest calls for)."),
+    ] = None,
+    to: Annotated[
+        str | None,
+        typer.Option("--to", help="Publish to the Hugging Face Hub instead: hf://ORG/NAME (token: HF_TOKEN or hf auth login)."),
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the Hub repository as private.")] = False,
     data: Annotated[Path, typer.Option("--data", help="The split stage directory.")] = Path("data/split"),
     params: ParamsOpt = Path("params.yaml"),
     registry: RegistryOpt = None,
 ):
-    """Publish the split stage as an immutable version in the local registry."""
+    """Publish the split stage as an immutable version (local registry, or the Hub with --to)."""
     from synthforge.project import publish_and_describe
 
-    publish_and_describe(_params(params), data, name, version, registry)
+    publish_and_describe(_params(params), data, name, version, registry, to=to, private=private)
+
+
+DatasetArg = Annotated[str, typer.Argument(help="Dataset: a name in the local registry, or hf://ORG/NAME.")]
+
+
+def _store(name: str, registry: str | None):
+    from synthforge.registry import resolve_registry
+    from synthforge.versions import open_store
+
+    return open_store(name, resolve_registry(registry, _optional_params()))
 
 
 @app.command()
-def versions(name: Annotated[str | None, typer.Argument(help="Dataset (default: all).")] = None, registry: RegistryOpt = None):
-    """List datasets and their versions with counts and dates."""
+def diff(
+    name: DatasetArg,
+    old: Annotated[str, typer.Argument(help="The earlier version.")],
+    new: Annotated[str, typer.Argument(help="The later version.")],
+    registry: RegistryOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+):
+    """Samples added, removed, changed and moved between splits, and how the distributions shifted."""
+    import json
+
+    from synthforge.diff import diff_manifests, print_diff
+    from synthforge.versions import manifest
+
+    store = _store(name, registry)
+    a, b = store.version(old), store.version(new)
+    result = diff_manifests(manifest(store, a), manifest(store, b), old_label=a.version, new_label=b.version)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_diff(result)
+
+
+@app.command()
+def report(
+    name: DatasetArg,
+    version: Annotated[str, typer.Argument(help="The version.")],
+    out: Annotated[Path | None, typer.Option("--out", help="HTML file (default: NAME-VERSION.html).")] = None,
+    registry: RegistryOpt = None,
+):
+    """Write a version's dataset card, figures included, as one standalone HTML page."""
+    from synthforge.report import write_report
+
+    store = _store(name, registry)
+    info = store.version(version)
+    out = out or Path(f"{store.label.rsplit('/', 1)[-1]}-{info.version}.html")
+    write_report(store.files(info), out)
+    typer.echo(f"report: {store.label} {info.version} -> {out}")
+
+
+@app.command()
+def versions(
+    name: Annotated[str | None, typer.Argument(help="Dataset: a local name or hf://ORG/NAME (default: all local ones).")] = None,
+    registry: RegistryOpt = None,
+):
+    """List datasets and their versions with counts, dates, and which versions a quarantine marked as affected."""
     from rich.console import Console
     from rich.table import Table
 
     from synthforge.registry import Registry, resolve_registry
+    from synthforge.versions import advisories
 
     reg = Registry(resolve_registry(registry, _optional_params()))
-    table = Table("dataset", "version", "published", "samples", "splits", "commit")
-    for dataset in [name] if name else reg.names():
-        for v in reg.versions(dataset):
+    table = Table("dataset", "version", "published", "samples", "splits", "commit", "status")
+    for store in [_store(name, registry)] if name else [reg.dataset(n) for n in reg.names()]:
+        known = advisories(store)
+        for v in store.versions():
             splits = ", ".join(f"{s} {n}" for s, n in v.counts.items())
-            table.add_row(dataset, v.version, v.date, str(v.total), splits, v.commit[:10])
+            status = "; ".join(
+                f"quarantined: {a['reason']} (use {a['clean_version']})" for a in known if v.version in a["affects"]
+            )
+            table.add_row(store.label, v.version, v.date, str(v.total), splits, v.commit[:10], status or "ok")
     if not table.rows:
-        typer.echo(f"no published datasets in {reg.root}")
+        typer.echo(f"no published datasets in {name or reg.root}")
         return
     Console().print(table)
 
@@ -306,6 +374,41 @@ def trace(
         typer.echo(result.to_json())
     else:
         print_trace(result)
+
+
+@app.command()
+def quarantine(
+    name: DatasetArg,
+    reason: Annotated[str, typer.Option("--reason", help="Why: goes into the changelog, the card and every warning.")],
+    batch: Annotated[str | None, typer.Option("--batch", help="A generation batch id.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="A generation model.")] = None,
+    prompt_version: Annotated[str | None, typer.Option("--prompt-version", help="VERSION or TEMPLATE_ID@VERSION.")] = None,
+    samples: Annotated[
+        Path | None, typer.Option("--samples", help="File of sample ids: one per line, or JSONL with a sample_id field.")
+    ] = None,
+    data: Annotated[Path, typer.Option("--data", help="Folder of stage directories (finds descendants).")] = Path("data"),
+    registry: RegistryOpt = None,
+):
+    """Publish the next MAJOR version without the affected samples and their descendants; mark earlier versions."""
+    from synthforge.versions import affected_samples, read_sample_ids
+    from synthforge.versions import quarantine as run_quarantine
+
+    store = _store(name, registry)
+    given = {"batch": batch, "model": model, "prompt_version": prompt_version, "samples": str(samples) if samples else None}
+    selector = {k: v for k, v in given.items() if v}
+    if len(selector) != 1:
+        raise BadInput("quarantine needs exactly one of --batch, --model, --prompt-version, --samples")
+    ids = read_sample_ids(samples) if samples else None
+    affected = affected_samples(store, data, selector, ids)
+    result = run_quarantine(store, affected, reason=reason, selector=selector, project=Path("."))
+    advisory = result.advisory
+    affects = ", ".join(f"{v} ({n} samples)" for v, n in advisory["samples"].items())
+    typer.echo(f"quarantine: {len(affected)} samples selected (with descendants); affected versions: {affects}")
+    if result.published:
+        info = result.published.info
+        counts = ", ".join(f"{s}: {n}" for s, n in info.counts.items())
+        typer.echo(f"published {store.label} v{info.version} without {result.removed} samples ({counts})")
+    typer.echo(f"clean version: {advisory['clean_version']}; loading an affected version now warns and names it")
 
 
 @app.command()

@@ -1,13 +1,16 @@
-"""Figures for dataset cards, as PNG bytes: image grids by class or difficulty (histograms belong here too).
+"""Figures for dataset cards, as PNG bytes: bars, histograms and image grids by class or difficulty.
 
 Plots are drawn with matplotlib's object API (a `Figure` on an Agg canvas), never through pyplot, so a library
-call neither opens windows nor changes the backend of the user's process.
+call neither opens windows nor changes the backend of the user's process. The same data gives the same bytes:
+the PNG carries no software version or timestamp, and every figure is drawn with the bundled DejaVu font.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,9 +18,29 @@ import numpy as np
 from synthforge.errors import BadInput
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure as MplFigure
     from PIL import Image as PILImage
 
 DIFFICULTY_ORDER = ("easy", "medium", "hard", "adversarial")
+# Fixed per level, so "hard" has the same colour in every card: a light-to-dark ramp, adversarial apart in purple.
+DIFFICULTY_COLORS = {"easy": "#a6d96a", "medium": "#fdae61", "hard": "#d7191c", "adversarial": "#5e3c99"}
+NONE_LABEL = "(none)"
+MAX_BARS = 12  # labels or generators drawn one by one; the rest add up to "other"
+_NONE_COLOR = "#bdbdbd"
+_SPLIT_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#d62728")
+_MARKER_COLORS = ("#d62728", "#2ca02c", "#9467bd")
+_STYLE = {
+    "font.family": "DejaVu Sans",  # ships with matplotlib: the same glyphs, so the same bytes, on every machine
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#e0e0e0",
+    "axes.axisbelow": True,
+}
+_WIDTH_IN = 8.0  # 800 px at _DPI
+_MAX_LABEL_CHARS = 32
 _DPI = 100
 _PAD = 2  # pixels between thumbnails
 _ROW_GAP = 10  # pixels between grid rows
@@ -76,10 +99,7 @@ def _strip(images: list[PILImage.Image], mode: str, size: int, per_row: int) -> 
 
 
 def _row_title(value: Any, count: int) -> str:
-    text = "(none)" if value is None else str(value)
-    if len(text) > _MAX_TITLE_CHARS:
-        text = text[: _MAX_TITLE_CHARS - 1] + "…"
-    return f"{text}\nn={count}"
+    return f"{_label(value, _MAX_TITLE_CHARS)}\nn={count}"
 
 
 def image_grid_by(
@@ -132,6 +152,195 @@ def image_grid_by(
         ax.imshow(strip, cmap="gray" if mode == "L" else None, vmin=0, vmax=255, interpolation="nearest", aspect="auto")
         ax.set_axis_off()
         fig.text((label_px - 8) / width, bottom + thumb_px / 2 / height, text, ha="right", va="center", fontsize=10)
+    return _png(fig)
+
+
+def _png(fig: MplFigure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})  # no version string: same bytes across installs
     return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _chart(height_in: float) -> Iterator[MplFigure]:
+    """A card-wide figure in the house style; the style applies to what is drawn inside the `with` only."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(_WIDTH_IN, height_in), dpi=_DPI, facecolor="white", layout="constrained")
+        FigureCanvasAgg(fig)
+        yield fig
+
+
+def _integer_ticks(axis: Any) -> None:
+    """Sample counts are whole numbers: no 2.5 samples on an axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def top_values(counts: Mapping[Any, int], order: Sequence[Any], limit: int) -> tuple[list[Any], list[Any]]:
+    """The `limit` values of `order` with the most samples (ties by that order), kept in `order`, and the others,
+    the ones a figure adds up to "other"."""
+    shown = set(sorted(order, key=lambda v: -counts.get(v, 0))[:limit])
+    return [v for v in order if v in shown], [v for v in order if v not in shown]
+
+
+def _label(value: Any, limit: int = _MAX_LABEL_CHARS) -> str:
+    text = NONE_LABEL if value is None else str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def difficulty_by_split(counts: Mapping[str, Mapping[str | None, int]]) -> bytes:
+    """Samples per split (one bar each, in the given order), stacked by difficulty level in fixed colours.
+
+    counts: {split: {difficulty or None: samples}}; samples without a difficulty stack last, in grey.
+    """
+    levels = [lv for lv in (*DIFFICULTY_ORDER, None) if any(c.get(lv) for c in counts.values())]
+    splits = list(counts)
+    with _chart(3.2) as fig:
+        ax = fig.add_subplot()
+        bottom = np.zeros(len(splits))
+        for level in levels:
+            heights = np.array([counts[s].get(level, 0) for s in splits])
+            ax.bar(
+                splits, heights, bottom=bottom, width=0.6, label=_label(level), color=DIFFICULTY_COLORS.get(level, _NONE_COLOR)
+            )
+            bottom += heights
+        for x, total in enumerate(bottom):
+            ax.text(x, total, f"{int(total)}", ha="center", va="bottom")
+        ax.set_ylabel("samples")
+        _integer_ticks(ax.yaxis)
+        ax.set_ylim(0, bottom.max() * 1.12)
+        ax.grid(axis="x", visible=False)
+        ax.legend(title="difficulty", loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+        return _png(fig)
+
+
+def label_shares_by_split(counts: Mapping[str, Mapping[Any, int]], order: Sequence[Any], top: int = MAX_BARS) -> bytes:
+    """The share of each label within each split, as grouped horizontal bars (one colour per split).
+
+    counts: {split: {label: samples}}; order: the labels in the order to draw them (e.g. class-id order). When
+    there are more than `top` labels, the most frequent `top` are drawn and the rest add up to "other".
+    """
+    totals = Counter()
+    for by_label in counts.values():
+        totals.update(by_label)
+    shown, rest = top_values(totals, order, top)
+    rows = [_label(v) for v in shown] + (["other"] if rest else [])
+    splits = list(counts)
+    bar = 0.8 / len(splits)  # each label's group of bars fills 0.8 of its row
+    with _chart(1.0 + 0.12 * len(rows) * (len(splits) + 1)) as fig:
+        ax = fig.add_subplot()
+        y = np.arange(len(rows))
+        for i, split in enumerate(splits):
+            n = sum(counts[split].values()) or 1
+            shares = [counts[split].get(v, 0) / n * 100 for v in shown]
+            if rest:
+                shares.append(sum(counts[split].get(v, 0) for v in rest) / n * 100)
+            ax.barh(
+                y - 0.4 + (i + 0.5) * bar,
+                shares,
+                height=bar,
+                label=f"{split} (n={n})",
+                color=_SPLIT_COLORS[i % len(_SPLIT_COLORS)],
+            )
+        ax.set_yticks(y, rows)
+        ax.invert_yaxis()
+        ax.set_xlabel("share of the split's samples (%)")
+        ax.grid(axis="y", visible=False)
+        ax.legend(title="split", loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+        return _png(fig)
+
+
+def count_bars(counts: Mapping[str, int], xlabel: str, top: int = MAX_BARS) -> bytes:
+    """One horizontal bar per key with its count at the end, largest first; beyond `top` keys the rest are "other"."""
+    ordered = sorted(counts, key=lambda k: (-counts[k], k))
+    shown, rest = ordered[:top], ordered[top:]
+    rows = [(_label(k, 2 * _MAX_LABEL_CHARS), counts[k]) for k in shown]
+    if rest:
+        rows.append((f"other ({len(rest)})", sum(counts[k] for k in rest)))
+    with _chart(1.2 + 0.3 * len(rows)) as fig:
+        ax = fig.add_subplot()
+        bars = ax.barh([r[0] for r in rows], [r[1] for r in rows], height=0.6, color=_SPLIT_COLORS[0])
+        ax.bar_label(bars, padding=3)
+        ax.invert_yaxis()
+        ax.set_xlabel(xlabel)
+        _integer_ticks(ax.xaxis)
+        ax.set_xlim(0, max(r[1] for r in rows) * 1.15)
+        ax.grid(axis="y", visible=False)
+        return _png(fig)
+
+
+def _bins(values: np.ndarray) -> np.ndarray | int:
+    """One bin per integer for integer scores (a 1-5 rubric shows five bars), else at most 30 even bins."""
+    lo, hi = float(values.min()), float(values.max())
+    if np.all(values == np.round(values)) and hi - lo <= 30:
+        return np.arange(lo - 0.5, hi + 1.5)
+    return min(30, len(np.histogram_bin_edges(values, bins="auto")) - 1)
+
+
+def histograms(panels: Sequence[tuple[str, Sequence[float], Mapping[str, float]]]) -> bytes:
+    """Score histograms as small multiples, up to three a row: (title, values, {marker label: x}) per panel;
+    markers are dashed lines (e.g. the pass threshold `min_score = 3`)."""
+    if not panels:
+        raise BadInput("histograms: no panel to draw")
+    cols = min(3, len(panels))
+    n_rows = -(-len(panels) // cols)
+    with _chart(0.4 + 2.4 * n_rows) as fig:
+        axes = fig.subplots(n_rows, cols, squeeze=False).ravel()
+        for ax, (title, values, markers) in zip(axes, panels, strict=False):
+            values = np.asarray(values, dtype=np.float64)
+            ax.hist(values, bins=_bins(values), color=_SPLIT_COLORS[0], edgecolor="white", linewidth=0.5)
+            for (label, x), color in zip(sorted(markers.items()), _MARKER_COLORS, strict=False):
+                ax.axvline(x, color=color, linestyle="--", linewidth=1.2, label=f"{label} = {x:g}")
+            if markers:
+                ax.legend(loc="best", frameon=False)
+            ax.set_title(f"{_label(title)} (n={len(values)})")
+            ax.set_xlabel("score")
+            ax.set_ylabel("samples")
+            _integer_ticks(ax.yaxis)
+        for ax in axes[len(panels) :]:
+            ax.set_axis_off()
+        return _png(fig)
+
+
+def vog_distributions(scores: Sequence[float], by_class: Sequence[tuple[Any, Sequence[float], float | None]]) -> bytes:
+    """VoG of the published samples: a histogram of the raw score (left) and, per class, the normalised score as a
+    box with the class's drop boundary as a red bar (right). by_class: (class, normalised scores, boundary)."""
+    with _chart(max(3.0, 1.0 + 0.32 * len(by_class))) as fig:
+        raw, per_class = fig.subplots(1, 2, width_ratios=(1, 1.3))
+        scores = np.asarray(scores, dtype=np.float64)
+        raw.hist(scores, bins=_bins(scores), color=_SPLIT_COLORS[0], edgecolor="white", linewidth=0.5)
+        raw.set_title(f"VoG score (n={len(scores)})")
+        raw.set_xlabel("variance of gradients")
+        raw.set_ylabel("samples")
+        _integer_ticks(raw.yaxis)
+        y = np.arange(len(by_class))
+        per_class.boxplot(
+            [np.asarray(v, dtype=np.float64) for _, v, _ in by_class],
+            positions=y,
+            orientation="horizontal",
+            widths=0.6,
+            showfliers=True,
+            flierprops={"markersize": 3},
+        )
+        boundaries = [(i, t) for i, (_, _, t) in enumerate(by_class) if t is not None]
+        if boundaries:
+            per_class.scatter(
+                [t for _, t in boundaries],
+                [i for i, _ in boundaries],
+                marker="|",
+                s=200,
+                color="#d62728",
+                label="drop boundary",
+                zorder=3,
+            )
+            per_class.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+        per_class.set_yticks(y, [_label(c) for c, _, _ in by_class])
+        per_class.invert_yaxis()
+        per_class.set_title("normalised VoG per class")
+        per_class.set_xlabel("normalised VoG")
+        return _png(fig)

@@ -12,6 +12,7 @@ from typing import Any
 
 from synthforge.errors import BadInput, SynthforgeError
 from synthforge.gitutil import git
+from synthforge.registry import resolve_registry
 from synthforge.resources import DEFAULT_PIPELINE, PIPELINE_FILES, pipeline_dir, recipe_dir
 
 # .cache/ holds LLM responses (a rerun reads them instead of asking again): local, never versioned.
@@ -60,25 +61,52 @@ def stage_stats(data_dir: Path) -> list[dict[str, Any]]:
 
 
 def publish_and_describe(
-    params: dict, data: Path, name: str | None, version: str | None, registry: str | None, project: Path = Path(".")
+    params: dict,
+    data: Path,
+    name: str | None,
+    version: str | None,
+    registry: str | None,
+    project: Path = Path("."),
+    to: str | None = None,
+    private: bool = False,
 ):
-    from synthforge.registry import Registry, load_call, resolve_registry
+    """Publish the split stage to `to` (hf://ORG/NAME) or to `name` in the local registry, and say what happened."""
+    from synthforge.hub import HUB_PREFIX
+    from synthforge.release import from_split_stage
+    from synthforge.versions import open_store, publish
 
     section = params.get("publish") or {}
-    name = name or section.get("name")
-    version = version or section.get("version")
-    if not name or not version:
-        raise BadInput(f"{params.get('__file__', 'params.yaml')}: give --name and --version (or publish.name / publish.version)")
-    reg = Registry(resolve_registry(registry, params, project))
-    result = reg.publish(data, name, version, params, project)
+    if to is not None and not to.startswith(HUB_PREFIX):
+        raise BadInput(
+            f"--to {to!r}: publish targets are {HUB_PREFIX}ORG/NAME (the Hub); the local registry is --name/--registry"
+        )
+    target = to or name or section.get("name")
+    if not target:
+        raise BadInput(f"{params.get('__file__', 'params.yaml')}: give --name (or publish.name), or --to {HUB_PREFIX}ORG/NAME")
+    store = open_store(target, resolve_registry(registry, params, project), private=private)
+    content = from_split_stage(data, params, project)
+    result = publish(store, content, version or section.get("version"), project=project)
     info = result.info
     if result.already_published:
-        print(f"{name} v{info.version} is already published with this exact content (commit {info.commit[:10]}); nothing to do.")
+        print(
+            f"{store.label} v{info.version} is already published with this exact content (commit {info.commit[:10]}); nothing to do."
+        )
     else:
+        if result.proposed:
+            print(f"no version given: {_why(result)} -> {info.version}")
         counts = ", ".join(f"{s}: {n}" for s, n in info.counts.items())
-        print(f"published {name} v{info.version} ({counts}) -> {result.repo} (tag v{info.version}, commit {info.commit[:10]})")
-    print(f"load it with: {load_call(name, info.version, reg.root, project)}")
+        where = getattr(store, "repo", None) or store.url
+        print(f"published {store.label} v{info.version} ({counts}) -> {where} (tag v{info.version}, commit {info.commit[:10]})")
+    print(f"load it with: {store.load_call(info.version, project)}")
     return result
+
+
+def _why(result) -> str:
+    diff = result.diff
+    if diff.old is None:
+        return "first version"
+    counts = ", ".join(f"{len(getattr(diff, k))} {k}" for k in ("added", "removed", "changed", "moved") if getattr(diff, k))
+    return f"against {diff.old}: {counts or 'same records'}, a {diff.bump.upper()} release"
 
 
 def run_demo(project: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 # Tiny GPT-2s with a locally trained tokenizer, and `transformers serve` on 127.0.0.1 (session fixtures).
-pytest_plugins = ["tiny_llm"]
+pytest_plugins = ["tiny_llm", "hub_server"]
 
 STAGES = ["generated", "judged", "deduped", "tagged", "split"]
 

@@ -12,7 +12,8 @@ import synthforge
 from synthforge.errors import BadInput, LeakageError, VersionExists
 from synthforge.plots import image_grid_by
 from synthforge.provenance import make_sample_id, new_record
-from synthforge.registry import Registry, class_names
+from synthforge.registry import Registry
+from synthforge.release import class_names
 from synthforge.stagedir import StageWriter, stage_fingerprint
 from synthforge.vision.images import IMAGE_CONTENT_SCHEMA, decode_image, encode_png
 

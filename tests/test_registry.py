@@ -18,7 +18,7 @@ from synthforge.registry import Registry, resolve_registry
 
 @pytest.fixture(scope="module")
 def published(project, tmp_path_factory):
-    """v1.0.0 from the session project, and v1.1.0 from a copy whose split ratios differ."""
+    """v1.0.0 from the session project, and v2.0.0 from a copy whose split ratios differ."""
     registry = Registry(tmp_path_factory.mktemp("registry"))
     params = load_params(project / "params.yaml")
     v1 = registry.publish(project / "data" / "split", "evalset", "1.0.0", params, project)
@@ -28,7 +28,7 @@ def published(project, tmp_path_factory):
         (other / "params.yaml").read_text().replace("{train: 0.7, validation: 0.15, test: 0.15}", "{train: 0.5, test: 0.5}")
     )
     run_pipeline(other)
-    v2 = registry.publish(other / "data" / "split", "evalset", "1.1.0", load_params(other / "params.yaml"), other)
+    v2 = registry.publish(other / "data" / "split", "evalset", "2.0.0", load_params(other / "params.yaml"), other)
     return registry, v1, v2, other
 
 
@@ -39,19 +39,25 @@ def _git(repo, *args):
 def test_a_version_is_one_commit_and_one_annotated_tag_with_the_documented_layout(published):
     registry, v1, v2, _ = published
     repo = v1.repo
-    assert _git(repo, "tag", "-l").split() == ["v1.0.0", "v1.1.0"]
+    assert _git(repo, "tag", "-l").split() == ["v1.0.0", "v2.0.0"]
     assert _git(repo, "cat-file", "-t", "v1.0.0").strip() == "tag"  # annotated
     assert _git(repo, "rev-list", "--count", "main").strip() == "2"
     files = _git(repo, "ls-tree", "-r", "--name-only", "v1.0.0").split()
     assert set(files) == {
         "README.md",
         "synthforge.json",
+        "croissant.json",
+        "advisories.json",
         "provenance/manifest.parquet",
+        "images/difficulty_by_split.png",
+        "images/labels_by_split.png",
+        "images/judge_scores.png",
+        "images/generators.png",
         "data/train-00000-of-00001.parquet",
         "data/validation-00000-of-00001.parquet",
         "data/test-00000-of-00001.parquet",
     }
-    assert {f for f in _git(repo, "ls-tree", "-r", "--name-only", "v1.1.0").split() if f.startswith("data/")} == {
+    assert {f for f in _git(repo, "ls-tree", "-r", "--name-only", "v2.0.0").split() if f.startswith("data/")} == {
         "data/train-00000-of-00001.parquet",
         "data/test-00000-of-00001.parquet",
     }
@@ -86,7 +92,7 @@ def test_synthforge_json_records_pipeline_params_and_fingerprints(published, pro
 def test_load_gives_each_version_its_own_rows_in_one_process(published, project):
     registry, v1, v2, other = published
     a = synthforge.load("evalset", version="1.0.0", registry=registry.root)
-    b = synthforge.load("evalset", "v1.1.0", registry=registry.root)
+    b = synthforge.load("evalset", "v2.0.0", registry=registry.root)
     assert set(a) == {"train", "validation", "test"} and set(b) == {"train", "test"}
     expected_test = {r["sample_id"] for r in read_rows(project / "data" / "split") if r["provenance"]["split"] == "test"}
     assert set(a["test"]["sample_id"]) == expected_test
@@ -102,7 +108,7 @@ def test_load_gives_each_version_its_own_rows_in_one_process(published, project)
 
 def test_load_of_an_unknown_version_names_the_versions_there_are(published):
     registry, *_ = published
-    with pytest.raises(BadInput, match=r"no version 9.9.9 .*have: 1.0.0, 1.1.0"):
+    with pytest.raises(BadInput, match=r"no version 9.9.9 .*have: 1.0.0, 2.0.0"):
         synthforge.load("evalset", version="9.9.9", registry=registry.root)
 
 
@@ -117,18 +123,18 @@ def test_other_content_under_an_existing_version_is_refused(published, project):
     registry, v1, v2, other = published
     with pytest.raises(VersionExists, match="1.0.0 already exists"):
         registry.publish(other / "data" / "split", "evalset", "1.0.0", load_params(other / "params.yaml"), other)
-    result = cli("publish", "--name", "evalset", "--version", "1.1.0", "--registry", str(registry.root), cwd=project)
-    assert result.returncode == 2 and "v1.1.0 already exists" in result.stderr
-    assert _git(v1.repo, "tag", "-l").split() == ["v1.0.0", "v1.1.0"]
+    result = cli("publish", "--name", "evalset", "--version", "2.0.0", "--registry", str(registry.root), cwd=project)
+    assert result.returncode == 2 and "v2.0.0 already exists" in result.stderr
+    assert _git(v1.repo, "tag", "-l").split() == ["v1.0.0", "v2.0.0"]
 
 
 def test_versions_lists_counts_and_dates(published):
     registry, *_ = published
     out = cli("versions", "--registry", str(registry.root))
     assert out.returncode == 0, out.stderr
-    assert "evalset" in out.stdout and "1.0.0" in out.stdout and "1.1.0" in out.stdout
+    assert "evalset" in out.stdout and "1.0.0" in out.stdout and "2.0.0" in out.stdout
     infos = registry.versions("evalset")
-    assert [v.version for v in infos] == ["1.0.0", "1.1.0"] and infos[0].total == sum(infos[0].counts.values())
+    assert [v.version for v in infos] == ["1.0.0", "2.0.0"] and infos[0].total == sum(infos[0].counts.values())
 
 
 def test_registry_location_precedence(tmp_path, monkeypatch):
@@ -181,6 +187,6 @@ def test_a_concurrent_publish_is_detected_not_lost(project, tmp_path, monkeypatc
     monkeypatch.setattr(reg_mod, "git", racing_git)
     with pytest.raises(reg_mod.ConcurrentPublish, match="concurrent publish"):
         with contextlib.chdir(project):
-            registry.publish(project / "data" / "split", "evalset", "2.0.0", params, project)
+            registry.publish(project / "data" / "split", "evalset", "3.0.0", params, project)
     monkeypatch.setattr(reg_mod, "git", real_git)
     assert [v.version for v in registry.versions("evalset")] == ["1.0.0"]

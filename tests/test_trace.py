@@ -94,11 +94,11 @@ def subset_project(project, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_versions(project, subset_project, tmp_path_factory) -> Path:
-    """evalset 1.0.0 from the session project, 1.1.0 from the subset copy, in one registry."""
+    """evalset 1.0.0 from the session project, 2.0.0 from the subset copy, in one registry."""
     reg = Registry(tmp_path_factory.mktemp("registry2"))
     reg.publish(project / "data" / "split", NAME, "1.0.0", load_params(project / "params.yaml"), project)
-    reg.publish(subset_project / "data" / "split", NAME, "1.1.0", load_params(subset_project / "params.yaml"), subset_project)
-    assert [v.version for v in reg.versions(NAME)] == ["1.0.0", "1.1.0"]
+    reg.publish(subset_project / "data" / "split", NAME, "2.0.0", load_params(subset_project / "params.yaml"), subset_project)
+    assert [v.version for v in reg.versions(NAME)] == ["1.0.0", "2.0.0"]
     return reg.root
 
 
@@ -232,18 +232,18 @@ def test_a_second_version_from_a_subset_shows_in_versions_and_per_sample(project
         result = trace(project / "data", two_versions, batch=batch)
         ids = [s.sample_id for s in result.samples]
         expected_versions = {}
-        for label, splits in ((f"{NAME} v1.0.0", v1), (f"{NAME} v1.1.0", v2)):
+        for label, splits in ((f"{NAME} v1.0.0", v1), (f"{NAME} v2.0.0", v2)):
             counts = Counter(splits[sid] for sid in ids if sid in splits)
             if counts:
                 expected_versions[label] = dict(counts)
         assert result.versions == expected_versions
         for s in result.samples:
             want = [f"{NAME} v1.0.0 {v1[s.sample_id]}"] if s.sample_id in v1 else []
-            want += [f"{NAME} v1.1.0 {v2[s.sample_id]}"] if s.sample_id in v2 else []
+            want += [f"{NAME} v2.0.0 {v2[s.sample_id]}"] if s.sample_id in v2 else []
             assert sorted(s.published) == sorted(want), s.sample_id
             dropped_seen |= s.sample_id in v1 and s.sample_id not in v2
     assert dropped_seen, "some traced sample should be in 1.0.0 only"
-    assert set(trace(project / "data", two_versions, model=MODEL).versions) == {f"{NAME} v1.0.0", f"{NAME} v1.1.0"}
+    assert set(trace(project / "data", two_versions, model=MODEL).versions) == {f"{NAME} v1.0.0", f"{NAME} v2.0.0"}
 
 
 # -- the command line ----------------------------------------------------------------------------------------
@@ -275,7 +275,7 @@ def test_cli_trace_table_names_the_batch_and_the_versions(project, two_versions,
         for split, n in splits.items():
             row = [line for line in proc.stdout.splitlines() if version in line and split in line and f" {n} " in line]
             assert row, f"versions table lacks {version} {split} {n}"
-    assert f"{NAME} v1.0.0" in proc.stdout and f"{NAME} v1.1.0" in proc.stdout
+    assert f"{NAME} v1.0.0" in proc.stdout and f"{NAME} v2.0.0" in proc.stdout
 
 
 def test_cli_trace_of_nothing_says_so(project, registry, tmp_path):
