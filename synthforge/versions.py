@@ -303,6 +303,5 @@ def affected_samples(store: DatasetStore, data_dir: Path, selector: dict[str, st
 
     versions = [(f"{store.label} v{info.version}", store.files(info)) for info in store.versions()]
     kind, value = next(iter(selector.items()))
-    query = {"sample_ids": sample_ids} if kind == "samples" else {kind: value}
-    result = trace(data_dir, None, versions=versions, **query)
-    return {s.sample_id for s in result.samples}
+    queries = [{"sample": sid} for sid in sample_ids] if kind == "samples" else [{kind: value}]
+    return {s.sample_id for query in queries for s in trace(data_dir, None, versions=versions, **query).samples}

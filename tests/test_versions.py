@@ -56,7 +56,7 @@ def history(workdir) -> dict:
     edited = [dict(r) for r in full]
     edited[0]["prompt"] = edited[0]["prompt"] + " (edited)"
     write_split(workdir, edited)
-    refused = publish(workdir, "--version", "2.0.1")
+    refused = publish(workdir, "--version", "1.1.1")
     third = publish(workdir)
     return {
         "full": full,
@@ -79,7 +79,7 @@ def test_publish_without_a_version_proposes_it_from_the_diff(history):
 def test_a_version_that_understates_the_change_is_refused_naming_the_right_one(history, workdir):
     refused = history["runs"]["refused"]
     assert refused.returncode == 2
-    assert "2.0.1 would be a patch release" in refused.stderr and "the next version is 2.0.0" in refused.stderr
+    assert "1.1.1 would be a patch release" in refused.stderr and "the next version is 2.0.0" in refused.stderr
     assert [v.version for v in Registry(workdir / "registry").versions(NAME)] == ["1.0.0", "1.1.0", "2.0.0"]
 
 
@@ -160,7 +160,7 @@ def test_quarantine_publishes_the_next_major_version_without_the_batch_and_its_d
 
 def test_earlier_versions_are_marked_affected_and_load_warns_naming_the_clean_one(quarantined, workdir):
     registry = workdir / "registry"
-    listing = cli("versions", NAME, "--registry", str(registry), cwd=workdir)
+    listing = cli("versions", NAME, "--registry", str(registry), cwd=workdir, env={"COLUMNS": "300"})
     assert listing.returncode == 0, listing.stderr
     rows = {line.split("│")[2].strip(): line for line in listing.stdout.splitlines() if line.count("│") > 3}
     assert "quarantined" in rows["2.0.0"] and "quarantined" not in rows["3.0.0"]
