@@ -353,15 +353,32 @@ def trace(
     model: Annotated[str | None, typer.Option("--model", help="A generation model.")] = None,
     prompt_version: Annotated[str | None, typer.Option("--prompt-version", help="VERSION or TEMPLATE_ID@VERSION.")] = None,
     sample: Annotated[str | None, typer.Option("--sample", help="A sample id (or a unique prefix).")] = None,
+    text: Annotated[
+        list[str] | None, typer.Option("--text", help="A text to find: a contaminated or suspicious item (repeatable).")
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", help="Items to find: .jsonl (one object per line, optional `id`) or .txt (one per line)."),
+    ] = None,
+    field: Annotated[str, typer.Option("--field", help="The field of a .jsonl item that holds its text.")] = "text",
+    methods: Annotated[
+        str, typer.Option("--methods", help="Text matches, comma-separated: exact, ngram (13 words), minhash.")
+    ] = "exact,ngram,minhash",
     data: Annotated[Path, typer.Option("--data", help="Folder of stage directories.")] = Path("data"),
     registry: RegistryOpt = None,
+    hub: Annotated[
+        list[str] | None, typer.Option("--hub", help="Also search every version of a Hub dataset: hf://ORG/NAME (repeatable).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ):
-    """Which samples came from a batch/model/prompt version, what became of each, which versions hold them."""
-    from synthforge.project import print_trace
+    """Which samples came from a batch/model/prompt version or match a text, what became of each, which versions hold them."""
     from synthforge.registry import resolve_registry
+    from synthforge.trace import print_trace, read_items
     from synthforge.trace import trace as run_trace
 
+    if text and file:
+        raise BadInput("trace takes --text or --file, not both")
+    hub_stores = [_store(target, None) for target in hub or []]
     result = run_trace(
         data,
         resolve_registry(registry, _optional_params()),
@@ -369,6 +386,9 @@ def trace(
         model=model,
         prompt_version=prompt_version,
         sample=sample,
+        texts=read_items(file, field) if file else text,
+        methods=[m.strip() for m in methods.split(",") if m.strip()],
+        versions=[(f"{s.label} v{v.version}", s.files(v)) for s in hub_stores for v in s.versions()],
     )
     if as_json:
         typer.echo(result.to_json())

@@ -131,9 +131,6 @@ class Evidence:
     field: str  # the sample's field that matches
     span: str  # the field's text that matches, as written
 
-    def describe(self) -> str:
-        return f"{self.method} {self.similarity:.2f} {self.field} ~ query {self.query}"
-
 
 class ContentQuery:
     """Query items compiled for one search: their hashes, band keys, n-gram index and a prefilter for n-grams."""
@@ -170,26 +167,36 @@ class ContentQuery:
         if "ngram" in self.methods:
             ids, texts = [item.id for item in self.items], [item.text for item in self.items]
             self._decontaminator = Decontaminator([ProtectedSet("query", "trace", ids, texts)], ngram=NGRAM)
-        self._prefilter = _ngram_prefilter(self._tokens) if "ngram" in self.methods else None
+        self._filters = _ngram_filters(self._tokens) if "ngram" in self.methods else None
 
     def may_share_ngram(self, texts: pa.Array) -> np.ndarray:
         """A mask of the texts that may share a query n-gram (it never misses one); all False without the ngram method."""
         if "ngram" not in self.methods:
             return np.zeros(len(texts), dtype=bool)
-        if self._prefilter is None:
+        if self._filters is None:
             return np.ones(len(texts), dtype=bool)
-        is_ascii = pc.fill_null(pc.string_is_ascii(texts), True).to_numpy(zero_copy_only=False)
-        hit = _matches(pc.ascii_lower(texts), self._prefilter)
-        others = np.flatnonzero(~is_ascii)
-        if len(others):
+        folded = pc.ascii_lower(texts)
+        others = pc.invert(pc.fill_null(pc.string_is_ascii(texts), True))
+        if pc.any(others).as_py():
             # Query words are case-folded NFKC: folding these texts alike keeps the filter from missing them.
-            folded = pc.replace_substring(pc.utf8_lower(pc.utf8_normalize(texts.take(others), "NFKC")), "ß", "ss")
-            hit[others] = _matches(folded, self._prefilter)
+            nfkc = pc.utf8_lower(pc.utf8_normalize(texts.filter(others), "NFKC"))
+            folded = pc.replace_with_mask(folded, others, pc.replace_substring(nfkc, "ß", "ss"))
+        # One pass with every item's first test, then each item's tests in turn on the ever fewer texts left.
+        first = np.flatnonzero(_matches(folded, _any_word([w for tests in self._filters for w in tests[0]])))
+        hit = np.zeros(len(texts), dtype=bool)
+        for tests in self._filters:
+            rows = first
+            for words in tests:
+                rows = rows[_matches(folded.take(rows), _any_word(words))]
+                if not len(rows):
+                    break
+            hit[rows] = True
         return hit
 
     def evidence(self, rows: Sequence[dict[str, str | None]]) -> list[list[Evidence]]:
         """Why each row (a sample's text fields by name) matches query items: per item and method the best evidence,
-        strongest first (exact, ngram, minhash; then by similarity)."""
+        strongest first (exact, ngram, minhash; then by similarity). A field's n-gram evidence names one item, the one
+        sharing the longest run of words with it."""
         from synthforge.text.decontam import words
 
         found: list[dict[tuple[str, str], Evidence]] = [{} for _ in rows]
@@ -231,23 +238,28 @@ class ContentQuery:
 
 
 def _matches(texts: pa.Array, pattern: str) -> np.ndarray:
-    return pc.fill_null(pc.match_substring_regex(texts, pattern), False).to_numpy(zero_copy_only=False).copy()
+    return pc.fill_null(pc.match_substring_regex(texts, pattern), False).to_numpy(zero_copy_only=False)
 
 
-def _ngram_prefilter(tokens: list[list[str]]) -> str | None:
-    """A regular expression every text sharing a query n-gram matches, or None when there is none to build.
+def _any_word(words: Sequence[str]) -> str:
+    return r"\b(?:" + "|".join(words) + r")\b"
+
+
+def _ngram_filters(tokens: list[list[str]]) -> list[list[list[str]]] | None:
+    """Per query item, word lists such that a text sharing an n-gram with the item holds a word of each list; None
+    when some item has none (every text is then tested).
 
     Each window of w = min(NGRAM, len(item)) consecutive words holds exactly one word at a position p with
-    p % w == r, for any r: so the words at one residue r are a complete test for an item. The residue whose
-    shortest word is longest (rarest, usually) is chosen; only ASCII words are used, because lower-casing an
-    ASCII-folded text then finds them exactly where Python's case folding would.
+    p % w == r, for every r: so a text sharing a window holds one of the words at each residue r. Lists with the
+    longest (rarest, usually) shortest word come first. Only ASCII words are used: lower-casing an ASCII-folded
+    text finds them exactly where Python's case folding would.
     """
-    words = set()
+    filters = []
     for item in tokens:
         width = min(NGRAM, len(item))
-        residues = [set(item[r::width]) for r in range(width)]
-        usable = [r for r in residues if all(w.isascii() for w in r)]
+        residues = [sorted(set(item[r::width])) for r in range(width)]
+        usable = [words for words in residues if all(w.isascii() for w in words)]
         if not usable:
             return None
-        words |= max(usable, key=lambda r: (min(map(len, r)), -len(r)))
-    return r"\b(?:" + "|".join(sorted(words)) + r")\b"
+        filters.append(sorted(usable, key=lambda words: (-min(map(len, words)), len(words))))
+    return filters

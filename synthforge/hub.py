@@ -45,10 +45,12 @@ class HubDataset:
         self.url = f"{constants.ENDPOINT}/datasets/{repo_id}"
 
     def _call(self, what: str, fn, *args, **kwargs):
-        from huggingface_hub.errors import HfHubHTTPError
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
         try:
             return fn(*args, **kwargs)
+        except EntryNotFoundError:
+            raise
         except HfHubHTTPError as exc:
             raise self._error(what, exc) from None
 
@@ -63,12 +65,15 @@ class HubDataset:
         return HubError(f"{self.label}: {what} failed (HTTP {_status(exc)}){': ' + server if server else ''}")
 
     def _refs(self):
-        from huggingface_hub.errors import RepositoryNotFoundError
+        """The repository's branches and tags; None when it does not exist (yet)."""
+        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
         try:
             return self.api.list_repo_refs(self.repo_id, repo_type="dataset")
         except RepositoryNotFoundError:
             return None
+        except HfHubHTTPError as exc:
+            raise self._error("listing refs", exc) from None
 
     def versions(self) -> list[VersionInfo]:
         refs = self._refs()
@@ -115,15 +120,17 @@ class HubDataset:
         return next((b.target_commit for b in refs.branches if b.name == "main"), None)
 
     def head_file(self, path: str) -> bytes | None:
+        from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
 
         head = self.head()
         if head is None:
             return None
         try:
-            return self._download(path, head).read_bytes()
-        except EntryNotFoundError:
+            local = self._call(f"download of {path}", hf_hub_download, self.repo_id, path, repo_type="dataset", revision=head)
+        except EntryNotFoundError:  # _call passes it through: a missing file is an answer here, not an error
             return None
+        return Path(local).read_bytes()
 
     def commit(self, tree: Path, message: str, parent: str | None, tag: str | None) -> str:
         """One commit with every file of `tree` (files of `parent` that the tree lacks are deleted), on top of

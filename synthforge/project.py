@@ -88,9 +88,8 @@ def publish_and_describe(
     result = publish(store, content, version or section.get("version"), project=project)
     info = result.info
     if result.already_published:
-        print(
-            f"{store.label} v{info.version} is already published with this exact content (commit {info.commit[:10]}); nothing to do."
-        )
+        commit = info.commit[:10]
+        print(f"{store.label} v{info.version} is already published with this exact content (commit {commit}); nothing to do.")
     else:
         if result.proposed:
             print(f"no version given: {_why(result)} -> {info.version}")
@@ -144,36 +143,3 @@ def _print_image_summary(console, project: Path) -> None:
         console.print(f"reference classifier: {stats['test_accuracy']:.1%} on {stats['test_images']} real test images")
     if tagged.exists() and (fraction := json.loads(tagged.read_text()).get("recognised_fraction")) is not None:
         console.print(f"synthetic images the classifier reads as their intended class: {fraction:.1%}")
-
-
-def print_trace(result) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    query = ", ".join(f"{k}={v}" for k, v in result.query.items())
-    if not result.samples:
-        console.print(f"no samples match {query}")
-        return
-    matches = sum(s.relation == "match" for s in result.samples)
-    kept = sum(bool(s.kept) for s in result.samples)
-    console.print(
-        f"{query}: {matches} samples, {len(result.samples) - matches} descendants; "
-        f"{kept} kept, {sum(s.kept is False for s in result.samples)} rejected"
-    )
-    table = Table("relation", "method", "prompt", "fate", "reason", "published in")
-    table.add_column("sample", overflow="fold", min_width=24)  # ids must stay whole to be usable
-    table.add_column("batch", overflow="fold")
-    for s in result.samples:
-        table.add_row(
-            s.relation, s.method, s.prompt or "-", s.fate, s.reason or "-", "; ".join(s.published) or "-", s.sample_id, s.batch_id
-        )
-    console.print(table)
-    if result.versions:
-        versions = Table("published version", "split", "samples", title="versions holding these samples")
-        for version, splits in result.versions.items():
-            for split, n in splits.items():
-                versions.add_row(version, split, str(n))
-        console.print(versions)
-    else:
-        console.print("no published version holds any of them")
