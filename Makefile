@@ -25,6 +25,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_image_dedup.py
 	$(BIN)/python benchmarks/bench_semantic_dedup.py
 	$(BIN)/python benchmarks/bench_decontam.py
+	$(BIN)/python benchmarks/bench_trace.py
 
 clean:
 	rm -rf data models registry dvc.lock

@@ -177,3 +177,22 @@ def test_publish_and_load_on_the_real_hub(project):
         assert int(loaded.stdout.split()[-1]) == len(read_rows(project / "data" / "split"))
     finally:
         HfApi().delete_repo(repo, repo_type="dataset", missing_ok=True)
+
+
+def test_trace_by_text_reaches_the_versions_on_the_hub(hub, project):
+    row = read_rows(project / "data" / "split")[0]
+    out = cli(
+        "trace",
+        "--text",
+        row["prompt"],
+        "--hub",
+        TARGET,
+        "--json",
+        "--registry",
+        str(hub["cache"] / "none"),
+        cwd=project,
+        env=hub["env"],
+    )
+    assert out.returncode == 0, out.stderr
+    found = {s["sample_id"]: s for s in json.loads(out.stdout)["samples"]}
+    assert f"{TARGET} v1.0.0 {row['provenance']['split']}" in found[row["sample_id"]]["published"]
