@@ -229,23 +229,21 @@ def _load_lines(load_call: str, hub_repo: str | None, version: str) -> list[str]
 
 
 def _selector_text(selector: dict[str, Any]) -> str:
-    """`batch=b1, model=m` for what a quarantine selected by; a list of sample ids shows as its length."""
-    parts = [f"{k}: {len(v)} listed" if isinstance(v, list) else f"{k}={v}" for k, v in selector.items() if v]
-    return ", ".join(parts) or "listed samples"
+    """`batch=b1` for what a quarantine selected by."""
+    return ", ".join(f"{k}={v}" for k, v in selector.items() if v)
 
 
 def _advisory_lines(advisories: list[dict[str, Any]], version: str) -> list[str]:
-    lines = []
+    """Quarantines known when this version was published. A card never changes after publishing, so it can only
+    speak of earlier versions; `synthforge versions` and `load` report later advisories."""
+    if not advisories:
+        return []
+    lines = ["## Quarantined versions", ""]
     for a in advisories:
-        selector = _selector_text(a["selector"])
-        lines += [
-            f"> **Warning: this version is affected by an advisory ({a['date']}).** {a['reason']}",
-            ">",
-            f"> {a['samples']} samples ({selector}) are in {version} and were removed in {a['clean_version']}: "
-            f"load {a['clean_version']} instead.",
-            "",
-        ]
-    return lines
+        held = ", ".join(f"{v} ({n} samples)" for v, n in a["samples"].items())
+        clean = "this version" if a["clean_version"] == version else a["clean_version"]
+        lines += [f"- **{a['reason']}** ({_selector_text(a['selector'])}, {a['date']}): affects {held}; clean: {clean}."]
+    return [*lines, ""]
 
 
 def _changelog_lines(changelog: list[dict[str, Any]]) -> list[str]:
@@ -255,7 +253,7 @@ def _changelog_lines(changelog: list[dict[str, Any]]) -> list[str]:
     for entry in changelog:
         summary = entry["summary"]
         if q := entry.get("quarantine"):
-            summary += f" (quarantine: {q['reason']}; {q['samples']} samples)"
+            summary += f" (quarantine: {q['reason']})"
         diff = entry["diff"]
         rows.append([entry["version"], entry["date"], summary, *(diff[k] for k in ("added", "removed", "changed", "moved"))])
     return ["## Changelog", "", _table(["version", "date", "summary", "added", "removed", "changed", "moved"], rows), ""]
@@ -304,8 +302,8 @@ def render_card(
     card's dataset_info shows. by_split and class_key: as `card_figures` takes them; class_key adds the per-class
     table. figures: from `card_figures`. stage_info: each stage's stage.json (stage, fingerprint, params_hash,
     params). changelog: entries {version, date, summary, diff {added, removed, changed, moved: counts},
-    quarantine: advisory or None}. advisories: the ones that affect this version, each {affects, reason,
-    clean_version, selector, samples, date}. hub_repo: ORG/NAME on the Hugging Face Hub, for the
+    quarantine: advisory or None}. advisories: every quarantine known at publishing, each {affects, reason,
+    clean_version, selector, samples {version: n}, date}. hub_repo: ORG/NAME on the Hugging Face Hub, for the
     `datasets.load_dataset` line.
     """
     from datasets import DatasetInfo, Features, SplitDict, SplitInfo

@@ -38,19 +38,21 @@ class HubDataset:
 
         if not REPO_ID.match(repo_id):
             raise BadInput(f"{HUB_PREFIX}{repo_id}: a Hub dataset is named {HUB_PREFIX}ORG/NAME")
-        self.repo_id = self.hub_repo = self.name = repo_id
+        self.repo_id = self.hub_repo = repo_id
         self.label = f"{HUB_PREFIX}{repo_id}"
         self.private = private
         self.api = HfApi()
         self.url = f"{constants.ENDPOINT}/datasets/{repo_id}"
 
     def _call(self, what: str, fn, *args, **kwargs):
-        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError
 
         try:
             return fn(*args, **kwargs)
-        except EntryNotFoundError:
+        except RemoteEntryNotFoundError:
             raise
+        except LocalEntryNotFoundError:  # the Hub could not be reached and the file is not in the cache
+            raise HubError(f"{self.label}: {what} failed: the Hub could not be reached") from None
         except HfHubHTTPError as exc:
             raise self._error(what, exc) from None
 
@@ -121,14 +123,14 @@ class HubDataset:
 
     def head_file(self, path: str) -> bytes | None:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import RemoteEntryNotFoundError
 
         head = self.head()
         if head is None:
             return None
         try:
             local = self._call(f"download of {path}", hf_hub_download, self.repo_id, path, repo_type="dataset", revision=head)
-        except EntryNotFoundError:  # _call passes it through: a missing file is an answer here, not an error
+        except RemoteEntryNotFoundError:  # the Hub says the file is not there: an answer, not an error
             return None
         return Path(local).read_bytes()
 
@@ -139,6 +141,8 @@ class HubDataset:
         from huggingface_hub.errors import HfHubHTTPError
 
         self._call("create_repo", self.api.create_repo, self.repo_id, repo_type="dataset", private=self.private, exist_ok=True)
+        if self.private and not self._call("repo_info", self.api.dataset_info, self.repo_id).private:
+            raise BadInput(f"{self.label} exists and is public; --private will not publish into it (make it private first)")
         files = sorted(p for p in tree.rglob("*") if p.is_file())
         operations = [CommitOperationAdd(path_in_repo=p.relative_to(tree).as_posix(), path_or_fileobj=str(p)) for p in files]
         if parent:
@@ -171,7 +175,8 @@ class HubDataset:
                         f"{self.label}: {tag} was tagged by someone else a moment ago; commit {commit.oid[:10]} is on main "
                         f"without a tag"
                     ) from None
-                raise self._error(f"create_tag {tag}", exc) from None
+                error = self._error(f"create_tag {tag}", exc)
+                raise HubError(f"{error}; commit {commit.oid[:10]} is on main without a tag: publish again to tag it") from None
         return commit.oid
 
     def load_call(self, version: str, project: Path) -> str:

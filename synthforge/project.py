@@ -101,11 +101,12 @@ def publish_and_describe(
 
 
 def _why(result) -> str:
+    from synthforge.versions import diff_counts
+
     diff = result.diff
     if diff.old is None:
         return "first version"
-    counts = ", ".join(f"{len(getattr(diff, k))} {k}" for k in ("added", "removed", "changed", "moved") if getattr(diff, k))
-    return f"against {diff.old}: {counts or 'same records'}, a {diff.bump.upper()} release"
+    return f"against {diff.old}: {diff_counts(diff)}, a {diff.bump.upper()} release"
 
 
 def run_demo(project: Path) -> None:

@@ -127,10 +127,16 @@ class Registry:
             return target
         tmp = target.parent / f".{commit}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
-        archive = subprocess.run(
-            ["git", "--git-dir", str(self.repo(name)), "archive", "--format=tar", commit], capture_output=True, check=True
-        )
-        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive.stdout, check=True)
+        try:
+            archive = subprocess.run(
+                ["git", "--git-dir", str(self.repo(name)), "archive", "--format=tar", commit], capture_output=True, check=True
+            )
+            subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive.stdout, check=True, capture_output=True)
+        except subprocess.CalledProcessError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise GitError(
+                f"{name}: exporting commit {commit[:10]} failed: {exc.stderr.decode(errors='replace').strip()}"
+            ) from None
         try:
             os.replace(tmp, target)
         except OSError:  # another process exported it first
@@ -209,7 +215,7 @@ class LocalDataset:
             git("init", "--bare", "--quiet", "--initial-branch=main", str(self.repo))
         gd = ["--git-dir", str(self.repo)]
         env = {"GIT_INDEX_FILE": str(tree.parent / f".index-{uuid.uuid4().hex[:8]}"), "GIT_WORK_TREE": str(tree)}
-        git(*gd, "add", "-A", ".", cwd=tree, env=env)
+        git(*gd, "add", "-A", "--force", ".", cwd=tree, env=env)  # --force: a user's global gitignore must not drop files
         tree_sha = git(*gd, "write-tree", env=env)
         Path(env["GIT_INDEX_FILE"]).unlink()
         commit = git(*gd, "commit-tree", tree_sha, *(["-p", parent] if parent else []), "-m", message)

@@ -196,12 +196,14 @@ def trace(
     model: str | None = None,
     prompt_version: str | None = None,
     sample: str | None = None,
+    sample_ids: Sequence[str] | None = None,
     texts: Sequence[str | QueryItem] | None = None,
     methods: Collection[str] = METHODS,
     versions: Sequence[tuple[str, str | Path]] = (),
 ) -> TraceResult:
-    """Trace by exactly one of batch, model, prompt version (VERSION or TEMPLATE@VERSION), sample id (or prefix) or
-    texts (query items: plain strings are named #1, #2, ...; `read_items` reads a file of them).
+    """Trace by exactly one of batch, model, prompt version (VERSION or TEMPLATE@VERSION), sample id (or prefix),
+    a list of exact sample ids (each must be in some manifest) or texts (query items: plain strings are named #1,
+    #2, ...; `read_items` reads a file of them).
 
     The places searched are the finished stage directories under `data_dir`, every version in `registry` (None:
     none) and `versions`: (label, folder) pairs of published versions held elsewhere, such as a Hub revision
@@ -209,7 +211,14 @@ def trace(
     """
     import duckdb
 
-    selectors = {"batch": batch, "model": model, "prompt_version": prompt_version, "sample": sample, "text": texts}
+    selectors = {
+        "batch": batch,
+        "model": model,
+        "prompt_version": prompt_version,
+        "sample": sample,
+        "sample_ids": sample_ids,
+        "text": texts,
+    }
     if sum(bool(v) for v in selectors.values()) != 1:
         raise BadInput("trace needs exactly one of --batch, --model, --prompt-version, --sample, --text/--file")
     stages, published = _places(data_dir, registry, versions)
@@ -232,6 +241,17 @@ def trace(
     _register(con, "sm", [p.manifest for p, _ in stages], manifest_schema())
     _register(con, "vm", [p.manifest for p in published], version_manifest_schema())
 
+    if sample_ids:
+        con.register(
+            "wanted", pa.table({"sample_id": list(dict.fromkeys(sample_ids))}, schema=pa.schema([("sample_id", pa.string())]))
+        )
+        known = "SELECT sample_id FROM sm UNION SELECT sample_id FROM vm"
+        unknown = [r[0] for r in con.execute(f"SELECT sample_id FROM wanted EXCEPT ({known}) ORDER BY 1").fetchall()]
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise BadInput(f"{len(unknown)} sample ids are in no stage manifest and no published version: {shown}")
+        rows = _walk(con, "SELECT sample_id FROM wanted", near_duplicates=False)
+        return TraceResult({"sample_ids": len(sample_ids)}, [_traced(row) for row in rows])
     if not texts:
         where, args = _predicate(*next((k, v) for k, v in selectors.items() if v))
         rows = _walk(con, f"SELECT DISTINCT sample_id FROM everything WHERE {where}", near_duplicates=False, args=args)

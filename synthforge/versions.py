@@ -12,7 +12,6 @@ the latest version calls for, and a requested version that contradicts the diff 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import tempfile
 import warnings
@@ -27,8 +26,6 @@ from synthforge.errors import BadInput, VersionExists
 from synthforge.provenance import now_iso
 from synthforge.registry import Registry, VersionInfo, normalize_version, resolve_registry, version_key
 from synthforge.release import Release, ReleaseContent, from_version, write_release
-
-log = logging.getLogger(__name__)
 
 
 class DatasetStore(Protocol):
@@ -68,7 +65,7 @@ class PublishResult:
 
     @property
     def repo(self) -> Path:
-        """The git repository of a local registry dataset."""
+        """The git repository (local registry datasets only)."""
         return self.store.repo
 
 
@@ -108,6 +105,11 @@ def publish(
     wanted = normalize_version(version) if version else None
     for info in infos:
         if info.content_fingerprint == release.fingerprint and wanted in (None, info.version):
+            if affected := advisories_for(store, info.version):
+                raise BadInput(
+                    f"{store.label}: these are the records of v{info.version}, quarantined ({affected[-1]['reason']}); "
+                    f"the clean version is {affected[-1]['clean_version']}: rebuild the split without the affected samples"
+                )
             return PublishResult(info, store, already_published=True)
         if info.version == wanted:
             raise VersionExists(
@@ -152,11 +154,14 @@ def publish(
     return PublishResult(info, store, already_published=False, proposed=version is None, diff=diff)
 
 
-def _summary(diff, latest: VersionInfo | None) -> str:
-    if latest is None:
-        return "first version"
+def diff_counts(diff) -> str:
+    """`5 added, 1 moved` (or `same records`)."""
     parts = [f"{len(getattr(diff, k))} {k}" for k in ("added", "removed", "changed", "moved") if getattr(diff, k)]
-    return f"{', '.join(parts) or 'same records'} since {latest.version}"
+    return ", ".join(parts) or "same records"
+
+
+def _summary(diff, latest: VersionInfo | None) -> str:
+    return f"{diff_counts(diff)} since {latest.version}" if latest else "first version"
 
 
 # -- quarantine ------------------------------------------------------------------------------------------
@@ -187,12 +192,18 @@ def quarantine(
         raise BadInput(f"{store.label}: nothing published yet")
     holding = {}
     for info in infos:
-        ids = set(manifest(store, info).column("sample_id").to_pylist())
+        ids = set(
+            pq.read_table(store.files(info) / "provenance" / "manifest.parquet", columns=["sample_id"])["sample_id"].to_pylist()
+        )
         if hit := ids & affected:
             holding[info.version] = len(hit)
     if not holding:
         raise BadInput(f"{store.label}: no published version holds a sample of {_describe(selector)} ({len(affected)} samples)")
     latest = infos[-1]
+    for known in advisories(store):
+        if known["selector"] == selector and set(holding) <= set(known["affects"]):
+            clean = known["clean_version"]
+            raise BadInput(f"{store.label}: {_describe(selector)} is already quarantined ({known['reason']}); clean: {clean}")
     advisory = {
         "date": now_iso(),
         "reason": reason.strip(),
@@ -243,8 +254,7 @@ def warn_if_quarantined(store: DatasetStore, version: str) -> None:
             f"{store.label} {version} is quarantined: {a['reason']} ({a['samples'][version]} samples, "
             f"{_describe(a['selector'])}); the clean version is {a['clean_version']}"
         )
-        log.warning(message)
-        warnings.warn(message, QuarantinedVersionWarning, stacklevel=3)
+        warnings.warn(message, QuarantinedVersionWarning, stacklevel=4)  # the user's synthforge.load(...) line
 
 
 # -- load ------------------------------------------------------------------------------------------------
@@ -303,5 +313,5 @@ def affected_samples(store: DatasetStore, data_dir: Path, selector: dict[str, st
 
     versions = [(f"{store.label} v{info.version}", store.files(info)) for info in store.versions()]
     kind, value = next(iter(selector.items()))
-    queries = [{"sample": sid} for sid in sample_ids] if kind == "samples" else [{kind: value}]
-    return {s.sample_id for query in queries for s in trace(data_dir, None, versions=versions, **query).samples}
+    query = {"sample_ids": sample_ids} if kind == "samples" else {kind: value}
+    return {s.sample_id for s in trace(data_dir, None, versions=versions, **query).samples}

@@ -227,11 +227,11 @@ def test_card_warns_of_advisories_and_lists_the_changelog_and_the_hub_revision()
     rows = text_rows()
     splits = by_split(rows, ["train", "validation", "test"])
     advisory = {
-        "affects": ["1.0.0", "2.0.0"],
+        "affects": ["1.0.0", "1.1.0"],
         "reason": "batch b2 copied a held-out eval item.",
-        "clean_version": "3.0.0",
+        "clean_version": "2.0.0",
         "selector": {"batch": "b2"},
-        "samples": 10,
+        "samples": {"1.0.0": 10, "1.1.0": 7},
         "date": "2026-11-20",
     }
     changelog = [
@@ -244,9 +244,9 @@ def test_card_warns_of_advisories_and_lists_the_changelog_and_the_hub_revision()
     ]
     card = _card([], splits, CONTENT_SCHEMA, None, changelog=changelog, advisories=[advisory], hub_repo="acme/demo")
     body = card.split("---\n", 2)[2]
-    warning = body.split("## Splits", 1)[0]
-    assert "affected by an advisory (2026-11-20)" in warning and "batch b2 copied a held-out eval item." in warning
-    assert "10 samples (batch=b2)" in warning and "load 3.0.0 instead" in warning
+    quarantined = body.split("## Quarantined versions", 1)[1]
+    assert "**batch b2 copied a held-out eval item.** (batch=b2, 2026-11-20)" in quarantined
+    assert "affects 1.0.0 (10 samples), 1.1.0 (7 samples); clean: this version." in quarantined
     assert "| 2.0.0 | 2026-11-19 | new intents | 12 | 1 | 2 | 0 |" in body.split("## Changelog", 1)[1]
     assert 'datasets.load_dataset("acme/demo", revision="v2.0.0")' in body
 

@@ -218,3 +218,30 @@ def test_an_unknown_version_is_a_clear_error(workdir):
     assert out.returncode == 2 and "no version 9.0.0" in out.stderr and "have: 1.0.0" in out.stderr
     with pytest.raises(BadInput, match="no version 9.0.0"):
         synthforge.load(NAME, "9.0.0", registry=workdir / "registry")
+
+
+def test_the_records_of_a_quarantined_version_are_not_published_again(quarantined, workdir):
+    """The split stage still holds 2.0.0's records: publishing them would bring the quarantined samples back."""
+    out = publish(workdir)
+    assert out.returncode == 2 and "quarantined (template leaked the answer)" in out.stderr and "3.0.0" in out.stderr
+
+
+def test_the_same_quarantine_twice_is_refused(quarantined, workdir):
+    args = ("--batch", quarantined["batch"], "--reason", "again", "--registry", str(workdir / "registry"))
+    out = cli("quarantine", NAME, *args, cwd=workdir)
+    assert out.returncode == 2 and "already quarantined" in out.stderr
+
+
+def test_quarantine_by_a_list_of_samples_names_ids_nobody_holds(quarantined, workdir, tmp_path):
+    registry = Registry(workdir / "registry")
+    ids = [m["sample_id"] for m in read_manifest(registry.checkout(NAME, registry.version(NAME, "3.0.0").commit) / "provenance")]
+    listed = tmp_path / "bad.txt"
+    listed.write_text(f"{ids[0]}\nnot-a-sample-id\n")
+    args = ("--samples", str(listed), "--reason", "spot check", "--registry", str(workdir / "registry"))
+    out = cli("quarantine", NAME, *args, cwd=workdir)
+    assert out.returncode == 2 and "1 sample ids are in no stage manifest" in out.stderr and "not-a-sample-id" in out.stderr
+    listed.write_text(json.dumps({"sample_id": ids[0]}) + "\n")
+    out = cli("quarantine", NAME, *args, cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    after = registry.version(NAME, "4.0.0")
+    assert after.total == registry.version(NAME, "3.0.0").total - len(_descendants(workdir, {ids[0]}) & set(ids))
