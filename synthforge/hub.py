@@ -122,17 +122,15 @@ class HubDataset:
         return next((b.target_commit for b in refs.branches if b.name == "main"), None)
 
     def head_file(self, path: str) -> bytes | None:
-        from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import RemoteEntryNotFoundError
 
         head = self.head()
         if head is None:
             return None
         try:
-            local = self._call(f"download of {path}", hf_hub_download, self.repo_id, path, repo_type="dataset", revision=head)
+            return self._download(path, head).read_bytes()
         except RemoteEntryNotFoundError:  # the Hub says the file is not there: an answer, not an error
             return None
-        return Path(local).read_bytes()
 
     def commit(self, tree: Path, message: str, parent: str | None, tag: str | None) -> str:
         """One commit with every file of `tree` (files of `parent` that the tree lacks are deleted), on top of

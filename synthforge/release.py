@@ -143,11 +143,11 @@ def from_version(folder: Path, version: str, commit: str, drop: set[str], reason
             raise BadInput(f"{shard}: not a data shard name ({{split}}-NNNNN-of-NNNNN.parquet)")
         table = pq.read_table(shard)
         schema = schema or _stage_schema(table.schema)
-        image = "image" if "image" in table.schema.names and pa.types.is_struct(table.schema.field("image").type) else None
+        image = image_column(schema)
         for row in table.to_pylist():
             if row["sample_id"] in drop:
                 continue
-            if image and row[image] is not None:
+            if image and isinstance(row[image], dict):  # the datasets.Image struct back to its bytes
                 row[image] = row[image]["bytes"]
             by_split.setdefault(match["split"], []).append(row)
     if schema is None:

@@ -75,8 +75,8 @@ def advisories(store: DatasetStore) -> list[dict]:
     return json.loads(raw) if raw else []
 
 
-def manifest(store: DatasetStore, info: VersionInfo) -> pa.Table:
-    return pq.read_table(store.files(info) / "provenance" / "manifest.parquet")
+def manifest(store: DatasetStore, info: VersionInfo, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(store.files(info) / "provenance" / "manifest.parquet", columns=columns)
 
 
 def _meta(store: DatasetStore, info: VersionInfo) -> dict:
@@ -192,9 +192,7 @@ def quarantine(
         raise BadInput(f"{store.label}: nothing published yet")
     holding = {}
     for info in infos:
-        ids = set(
-            pq.read_table(store.files(info) / "provenance" / "manifest.parquet", columns=["sample_id"])["sample_id"].to_pylist()
-        )
+        ids = set(manifest(store, info, columns=["sample_id"])["sample_id"].to_pylist())
         if hit := ids & affected:
             holding[info.version] = len(hit)
     if not holding:
