@@ -14,6 +14,7 @@ final model, as safetensors beside a `config.json`; its per-class accuracy on th
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -139,6 +140,58 @@ def marginal_scores(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray
     return probabilities[np.arange(len(labels)), labels]
 
 
+def shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> Callable[[int], Iterable]:
+    """Epoch -> (images, labels) batches in a fresh order drawn from one seeded generator (epochs in sequence)."""
+    import torch
+
+    rng = torch.Generator().manual_seed(seed)
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(x), generator=rng)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            yield x[idx], y[idx]
+
+    return batches
+
+
+def fit(
+    model: torch.nn.Module,
+    batches: Callable[[int], Iterable],
+    options: ClassifierOptions,
+    after_epoch: Callable[[int], None] | None = None,
+    desc: str = "classifier: epochs",
+) -> list[float]:
+    """Train `model` for options.epochs with SGD (momentum 0.9, weight decay) and cosine decay; the mean loss per epoch.
+
+    batches(epoch) yields (images, labels) for epochs 1..epochs: a shuffled tensor dataset, or a DataLoader whose
+    sampler mixes real and synthetic data (synthforge.torch). after_epoch(epoch) runs after each epoch's step.
+    """
+    import torch
+
+    opt = torch.optim.SGD(model.parameters(), lr=options.lr, momentum=0.9, weight_decay=options.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=options.epochs)
+    losses = []
+    with progress_bar(desc, options.epochs) as advance:
+        for epoch in range(1, options.epochs + 1):
+            model.train()
+            total, count = 0.0, 0
+            for x, y in batches(epoch):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(y)
+                count += len(y)
+            sched.step()
+            losses.append(round(total / max(count, 1), 5))
+            if after_epoch is not None:
+                after_epoch(epoch)
+            advance(1)
+    model.eval()
+    return losses
+
+
 def train_classifier(options: ClassifierOptions, real: str | Path, out: str | Path, seed: int) -> dict[str, Any]:
     """Train on real/train.parquet, evaluate on real/test.parquet, write the model folder atomically."""
     import torch
@@ -167,31 +220,17 @@ def train_classifier(options: ClassifierOptions, real: str | Path, out: str | Pa
 
     torch.manual_seed(seed)
     model = build_model(channels, len(classes), options.width)
-    opt = torch.optim.SGD(model.parameters(), lr=options.lr, momentum=0.9, weight_decay=options.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=options.epochs)
     save_at = {round(options.epochs * (k + 1) / options.checkpoints) for k in range(options.checkpoints)}
-    rng = torch.Generator().manual_seed(seed)
-    checkpoints, losses = [], []
+    checkpoints: list[str] = []
     with atomic_dir(out) as tmp:
-        with progress_bar("classifier: epochs", options.epochs) as advance:
-            for epoch in range(1, options.epochs + 1):
-                model.train()
-                order = torch.randperm(len(x_train), generator=rng)
-                total = 0.0
-                for start in range(0, len(order), options.batch_size):
-                    idx = order[start : start + options.batch_size]
-                    loss = torch.nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    total += loss.item() * len(idx)
-                sched.step()
-                losses.append(round(total / len(order), 5))
-                if epoch in save_at:
-                    name = f"epoch-{epoch:03d}"
-                    save_file(model.state_dict(), tmp / f"{name}.safetensors")
-                    checkpoints.append(name)
-                advance(1)
+
+        def save_checkpoint(epoch: int) -> None:
+            if epoch in save_at:
+                name = f"epoch-{epoch:03d}"
+                save_file(model.state_dict(), tmp / f"{name}.safetensors")
+                checkpoints.append(name)
+
+        losses = fit(model, shuffled_batches(x_train, y_train, options.batch_size, seed), options, after_epoch=save_checkpoint)
         save_file(model.state_dict(), tmp / "final.safetensors")
         config = {
             "arch": "small-cnn",
@@ -205,7 +244,6 @@ def train_classifier(options: ClassifierOptions, real: str | Path, out: str | Pa
             "real_digest": info["digest"],
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        model.eval()
         with torch.no_grad():
             predicted = model(x_test).argmax(1).numpy() if len(x_test) else np.zeros(0, dtype=int)
         per_class = {
