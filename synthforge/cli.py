@@ -102,6 +102,38 @@ def seeds(
 
 
 @app.command()
+def gaps(
+    real: RealOpt = Path("data/real"),
+    classifier: ClassifierOpt = Path("models/classifier"),
+    out: Annotated[Path, typer.Option("--out", help="Gaps folder: gaps.json, budget.json, figures.")] = Path("data/gaps"),
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Where the real data is thin or the classifier weak, by class and difficulty, and a per-class image budget."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from synthforge.gaps import find_gaps
+
+    result = find_gaps(_params(params), real, classifier, out)
+    table = Table("class", "train", "test accuracy", "hard + adversarial (test)", "flags", "budget")
+    for name, c in result["per_class"].items():
+        accuracy = "-" if c["test_accuracy"] is None else f"{c['test_accuracy']:.3f}"
+        hard = c["difficulty"]["hard"] + c["difficulty"]["adversarial"]
+        flags = ", ".join(flag for flag in ("thin", "weak") if c[flag]) or "-"
+        table.add_row(name, str(c["train"]), accuracy, f"{hard} of {c['test']}", flags, str(c["budget"]))
+    Console().print(table)
+    for name, c in result["per_class"].items():
+        for reason in c["reasons"]:
+            typer.echo(f"  {name}: {reason}")
+    levels = ", ".join(f"{level} {d['test']} (accuracy {d['test_accuracy']})" for level, d in result["difficulty"].items())
+    typer.echo(f"real test images by difficulty: {levels}")
+    typer.echo(
+        f"gaps: test accuracy {result['overall']['test_accuracy']}, {len(result['thin'])} thin and {len(result['weak'])} weak "
+        f"classes, {result['budget_total']} images budgeted -> {out}/budget.json"
+    )
+
+
+@app.command()
 def generate(
     out: Annotated[Path, typer.Option("--out", help="Output stage directory.")] = Path("data/generated"),
     params: ParamsOpt = Path("params.yaml"),
@@ -227,6 +259,67 @@ def review_import(
         f"{replaced}; {info['blank']} blank rows skipped) -> {ledger}"
     )
     typer.echo("`dvc repro` (or `synthforge judge`) applies them through the `review` judge check")
+
+
+@app.command()
+def agent(
+    real: RealOpt = Path("data/real"),
+    generator: Annotated[Path, typer.Option("--generator", help="Adapted generator folder (online mode).")] = Path(
+        "models/generator"
+    ),
+    out: Annotated[Path, typer.Option("--out", help="Output stage directory: every image the loop made or took.")] = Path(
+        "data/agent"
+    ),
+    classifier_out: Annotated[Path, typer.Option("--classifier-out", help="Folder for the fine-tuned classifier.")] = Path(
+        "models/agent"
+    ),
+    pool: Annotated[
+        Path | None, typer.Option("--pool", help="Pre-generated images (a `synthforge generate` output) for agent.mode: offline.")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """GenDataAgent's on-the-fly loop: warm-up, then per iteration marginal sampling, generation (or a pool), VoG, fine-tuning."""
+    from synthforge.onthefly import run_agent
+
+    stats = run_agent(_params(params), real, generator, out, classifier_out, pool)
+    _report(stats, out)
+    iterations = len(stats["iterations"])
+    typer.echo(f"agent: classifier test accuracy {stats['test_accuracy']} after {iterations} iterations -> {classifier_out}")
+
+
+@app.command()
+def evaluate(
+    real: RealOpt = Path("data/real"),
+    classifier: ClassifierOpt = Path("models/classifier"),
+    out: Annotated[Path, typer.Option("--out", help="Evaluation folder.")] = Path("data/evaluation"),
+    params: ParamsOpt = Path("params.yaml"),
+    registry: RegistryOpt = None,
+):
+    """Does the synthetic data help? Train under the settings in params `evaluate` over several seeds and compare
+    every metric with the baseline on the real test images: helps / no measurable effect / hurts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from synthforge.evaluate import run_evaluate, verdict_sentences
+    from synthforge.metrics import METRICS
+    from synthforge.registry import resolve_registry
+
+    p = _params(params)
+    result = run_evaluate(p, real, classifier, out, resolve_registry(registry, p, Path(".")))
+    table = Table("setting", *METRICS, title=f"real test images, mean ± std over {len(result['seeds'])} seeds")
+    for name, summary in result["comparison"]["settings"].items():
+        cells = []
+        for m in METRICS:
+            s, v = summary["overall"][m], (summary.get("verdicts") or {}).get(m)
+            text = "n/a" if s["mean"] is None else f"{s['mean']:.3f}" + (f" ± {s['std']:.3f}" if s["std"] is not None else "")
+            colour = {"helps": "green", "hurts": "red"}.get(v["verdict"]) if v else None
+            cells.append(text + (f"\n[{colour or 'dim'}]{v['verdict']}[/]" if v else ""))
+        table.add_row(name, *cells)
+    console = Console()
+    console.print(table)
+    for line in verdict_sentences(result):
+        console.print(line)
+    console.print(f"-> {out}/metrics.json, evaluation.json, summary.md, metrics.png, per_class_accuracy.png")
 
 
 @app.command()

@@ -101,6 +101,8 @@ STAGE_PURPOSE = {
     "tag": "assigns each sample a difficulty and tags",
     "split": "assigns each sample to one split",
     "quarantine": "removes the quarantined samples of the version this one was made from",
+    "agent": "runs GenDataAgent's on-the-fly loop: per iteration the marginal real images, their images generated (or taken "
+    "from a pool), VoG-filtered, and the classifier fine-tuned",
 }
 
 IMPORTED = "imported"  # the generation method of samples the ingest stage took from files made elsewhere

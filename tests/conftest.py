@@ -143,7 +143,7 @@ def tree_digest(path: Path) -> dict[str, bytes]:
 FAST = {
     "classifier": {"epochs": 12},
     "generator": {"unet": {"base_steps": 150, "lora_steps": 30, "batch_size": 64}},
-    "seeds": {"fraction": 0.1},
+    "seeds": {"fraction": 0.1, "budget": "accuracy"},  # test_image_pipeline checks this mode; test_gaps the file budget
     "generate": {"unet": {"sample_steps": 10}},
 }
 
@@ -156,6 +156,7 @@ def merge_params(base: dict, extra: dict) -> dict:
 
 
 def run_image_pipeline(root: Path) -> dict:
+    from synthforge.gaps import find_gaps
     from synthforge.params import load_params
     from synthforge.stages.dedup import run_dedup
     from synthforge.stages.generate_images import run_generate_images
@@ -171,6 +172,7 @@ def run_image_pipeline(root: Path) -> dict:
             "real": run_real(p, "data/real"),
             "classifier": run_classifier(p, "data/real", "models/classifier"),
             "adapt": run_adapt(p, "data/real", "models/generator"),
+            "gaps": find_gaps(p, "data/real", "models/classifier", "data/gaps"),
             "seeds": run_seeds(p, "data/real", "models/classifier", "data/seeds"),
             "generate": run_generate_images(p, "data/seeds", "data/real", "models/generator", "data/generated"),
             "judge": run_judge(p, "data/generated", "data/judged"),

@@ -3,12 +3,16 @@
 Every image records its real seed as parent (so a bad real image traces to all its synthetic children), the
 seed's marginal score, the caption and perturbation model, the generator, its LoRA adapter hash, the per-image
 seed and the sampling settings. Images are made and written a generation batch at a time.
+
+`plan_images` and `ImageMaker` are shared with the on-the-fly loop (synthforge.onthefly), which makes one batch
+per iteration from the marginal examples of that iteration.
 """
 
 from __future__ import annotations
 
 import hashlib
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +20,113 @@ import pyarrow.parquet as pq
 
 from synthforge.errors import BadInput
 from synthforge.provenance import canonical_json, make_sample_id, new_record, sha256_hex
-from synthforge.stagedir import StageWriter, stage_fingerprint
+from synthforge.stagedir import Row, StageWriter, stage_fingerprint
 from synthforge.vision.generator import ImageRequest
 from synthforge.vision.images import IMAGE_CONTENT_SCHEMA
 
 PROMPT_TEMPLATE_ID = "gendataagent-caption-prompt"
 
 
-def image_seed(global_seed: int, real_id: str, variant: int) -> int:
-    """A stable per-image seed: the same seed image and variant give the same image in any run or batch."""
-    return int.from_bytes(hashlib.sha256(f"{global_seed}:{real_id}:{variant}".encode()).digest()[:4], "big")
+def image_seed(global_seed: int, real_id: str, variant: int, iteration: int | None = None) -> int:
+    """A stable per-image seed: the same seed image and variant give the same image in any run or batch.
+
+    The on-the-fly loop passes its iteration, so a real image that is marginal again gets new images.
+    """
+    key = f"{global_seed}:{real_id}:{variant}" + (f":{iteration}" if iteration is not None else "")
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
 
 
-def _dir_digest(path: Path) -> str:
+def generator_digest(path: str | Path) -> str:
+    """What identifies an adapted generator for stage fingerprints: its generator.json (which holds the adapter
+    and base hashes), or every file when there is none."""
+    path = Path(path)
     meta = path / "generator.json" if (path / "generator.json").exists() else None
     files = [meta] if meta else sorted(p for p in path.rglob("*") if p.is_file())
     return sha256_hex(b"".join(p.read_bytes() for p in files))
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image to make: its seed (a seeds.parquet row), the real image row, which caption variant, the request."""
+
+    seed: dict[str, Any]
+    real: dict[str, Any]
+    variant_index: int
+    variant: dict[str, Any] | None
+    request: ImageRequest
+
+
+def plan_images(seed: dict[str, Any], real: dict[str, Any], global_seed: int, iteration: int | None = None) -> list[ImageJob]:
+    """The seed's n_images jobs: variant v uses the seed's v-th perturbed caption when it has one, else its caption."""
+    variants = seed["variants"] or []
+    jobs = []
+    for v in range(seed["n_images"]):
+        variant = variants[v] if v < len(variants) else None
+        request = ImageRequest(
+            label=seed["label"],
+            class_name=seed["label_name"],
+            seed=image_seed(global_seed, seed["real_id"], v, iteration),
+            caption=variant["text"] if variant else seed["caption"],
+            init_image=real["image"],
+        )
+        jobs.append(ImageJob(seed, real, v, variant, request))
+    return jobs
+
+
+class ImageMaker:
+    """The adapted generator plus what every image it makes records: run, method, sampling settings, prompt."""
+
+    def __init__(self, family, generator, source_uri: str):
+        self.generator = generator
+        self.source_uri = source_uri
+        self.run_id = uuid.uuid4().hex[:12]
+        self.params = generator.params()
+        template = getattr(getattr(generator, "options", None), "prompt_template", None)
+        self.prompt_hash = sha256_hex(template) if template else None
+        self.method = f"{family.name}-img2img" if self.params.get("strength") is not None else family.name
+
+    def make(self, jobs: list[ImageJob], batch_id: str, extra_params: dict[str, Any] | None = None) -> list[Row]:
+        """Generate the jobs' images as sample rows with provenance; extra_params join the generation params."""
+        images = self.generator.generate([job.request for job in jobs])
+        return [self._row(job, png, batch_id, extra_params or {}) for job, png in zip(jobs, images, strict=True)]
+
+    def _row(self, job: ImageJob, png: bytes, batch_id: str, extra_params: dict[str, Any]) -> Row:
+        s, req, gen = job.seed, job.request, self.generator
+        # The id comes from the request, not the PNG bytes: float rounding can differ by batch size.
+        origin = {"method": self.method, "real_id": s["real_id"], "variant": job.variant_index, "adapter": gen.adapter_hash}
+        sid = make_sample_id(origin, {"image_seed": req.seed, "label": req.label, "caption": req.caption})
+        prov = new_record(
+            sample_id=sid,
+            run_id=self.run_id,
+            source={"uri": self.source_uri, "record_id": s["real_id"], "row": job.real["source_row"]},
+            method=self.method,
+            model=gen.model,
+            model_revision=gen.model_revision,
+            adapter_hash=gen.adapter_hash,
+            batch_id=batch_id,
+            seed=req.seed,
+            params={**self.params, "variant": job.variant_index, **extra_params},
+            prompt_template_id=PROMPT_TEMPLATE_ID if self.prompt_hash else None,
+            prompt_version="1" if self.prompt_hash else None,
+            prompt_hash=self.prompt_hash,
+            parent_ids=[s["real_id"]],
+            caption={
+                "raw": s["caption"],
+                "perturbed": job.variant["text"] if job.variant else None,
+                "model": s["variants_model"] if job.variant else s["caption_model"],
+                "parsed": job.variant["parsed"] if job.variant else None,
+            },
+            seed_marginal_score=s["marginal_score"],
+        )
+        prov["tags"] = [f"label:{req.class_name}"]
+        return {
+            "sample_id": sid,
+            "image": png,
+            "label": req.label,
+            "label_name": req.class_name,
+            "caption": req.caption,
+            "provenance": prov,
+        }
 
 
 def run_generate_images(
@@ -56,32 +151,14 @@ def run_generate_images(
     inputs = {
         "seeds": sha256_hex((seeds / "seeds.parquet").read_bytes()),
         "real": info["digest"],
-        "generator": _dir_digest(generator),
+        "generator": generator_digest(generator),
     }
     family, gen = load_generator(params, generator)
     fingerprint = stage_fingerprint(
         "generate", {"generate": section, "generator": params.get("generator"), "seed": params["seed"]}, inputs
     )
-    run_id = uuid.uuid4().hex[:12]
-    gen_params = gen.params()
-    template = getattr(getattr(gen, "options", None), "prompt_template", None)
-    prompt_hash = sha256_hex(template) if template else None
-    method = f"{family.name}-img2img" if gen_params.get("strength") is not None else family.name
-
-    planned = []  # (seed row, its caption variant or None, variant index, request)
-    for s in seed_rows:
-        variants = s["variants"] or []
-        for v in range(s["n_images"]):
-            variant = variants[v] if v < len(variants) else None
-            caption = variant["text"] if variant else s["caption"]
-            request = ImageRequest(
-                label=s["label"],
-                class_name=s["label_name"],
-                seed=image_seed(int(params["seed"]), s["real_id"], v),
-                caption=caption,
-                init_image=real_rows[s["real_id"]]["image"],
-            )
-            planned.append((s, variant, v, request))
+    maker = ImageMaker(family, gen, info["source_id"])
+    planned = [job for s in seed_rows for job in plan_images(s, real_rows[s["real_id"]], int(params["seed"]))]
 
     batch_size = int(section.get("batch_size", 256))
     with (
@@ -90,57 +167,15 @@ def run_generate_images(
     ):
         for b, start in enumerate(range(0, len(planned), batch_size)):
             batch = planned[start : start + batch_size]
-            images = gen.generate([req for *_, req in batch])
-            batch_id = f"{fingerprint['fingerprint'][:8]}-{method}-{b:04d}"
-            rows = []
-            for (s, variant, v, req), png in zip(batch, images, strict=True):
-                # The id comes from the request, not the PNG bytes: float rounding can differ by batch size.
-                origin = {"method": method, "real_id": s["real_id"], "variant": v, "adapter": gen.adapter_hash}
-                sid = make_sample_id(origin, {"image_seed": req.seed, "label": req.label, "caption": req.caption})
-                real_row = real_rows[s["real_id"]]
-                prov = new_record(
-                    sample_id=sid,
-                    run_id=run_id,
-                    source={"uri": info["source_id"], "record_id": s["real_id"], "row": real_row["source_row"]},
-                    method=method,
-                    model=gen.model,
-                    model_revision=gen.model_revision,
-                    adapter_hash=gen.adapter_hash,
-                    batch_id=batch_id,
-                    seed=req.seed,
-                    params={**gen_params, "variant": v},
-                    prompt_template_id=PROMPT_TEMPLATE_ID if template else None,
-                    prompt_version="1" if template else None,
-                    prompt_hash=prompt_hash,
-                    parent_ids=[s["real_id"]],
-                    caption={
-                        "raw": s["caption"],
-                        "perturbed": variant["text"] if variant else None,
-                        "model": s["variants_model"] if variant else s["caption_model"],
-                        "parsed": variant["parsed"] if variant else None,
-                    },
-                    seed_marginal_score=s["marginal_score"],
-                )
-                prov["tags"] = [f"label:{req.class_name}"]
-                rows.append(
-                    {
-                        "sample_id": sid,
-                        "image": png,
-                        "label": req.label,
-                        "label_name": req.class_name,
-                        "caption": req.caption,
-                        "provenance": prov,
-                    }
-                )
-            writer.write(rows)
+            writer.write(maker.make(batch, f"{fingerprint['fingerprint'][:8]}-{maker.method}-{b:04d}"))
             advance(len(batch))
         writer.metrics = {
             "seeds": len(seed_rows),
             "images": len(planned),
             "family": family.name,
-            "method": method,
+            "method": maker.method,
             "model": gen.model,
             "adapter_hash": gen.adapter_hash,
-            "sampling": canonical_json(gen_params),
+            "sampling": canonical_json(maker.params),
         }
     return writer.stats

@@ -7,6 +7,17 @@ many images each seed gets, and give each seed its caption variants.
     data/seeds/stats.json      what was selected, per class, and the budget per class
 
 Every real image is kept in the table (selected or not) so the choice can be inspected and plotted.
+
+Budgets (`seeds.budget`):
+  uniform   every selected seed gets images_per_seed (m) images
+  accuracy  m scaled per seed by its class's error rate relative to the mean error
+  file      exact per-class totals from a budget file (`synthforge gaps` writes one: data/gaps/budget.json). A
+            class's images are spread as evenly as possible over its selected seeds, the lowest marginal score
+            first taking the remainder. A class whose selected seeds are too few to carry its budget at m images
+            each (none at all, say) takes its next-lowest-scoring real images as further seeds; a class with fewer
+            images budgeted than selected seeds uses only its lowest-scoring ones, one image each. So `selected`
+            marks exactly the seeds that get images, and a seed gets more than m only when its class has too few
+            real images.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import pyarrow.parquet as pq
 
 from synthforge.errors import BadInput
 from synthforge.params import parse_options
+from synthforge.provenance import sha256_hex
 from synthforge.stagedir import atomic_dir
 
 VARIANT_TYPE = pa.struct([("text", pa.string()), ("raw", pa.string()), ("parsed", pa.bool_())])
@@ -47,7 +59,8 @@ class SeedsOptions:
     k: int | None = None  # the k lowest-scoring real images; or
     fraction: float | None = None  # this fraction of the training set (GenDataAgent: 1/5, 1/4, 1/2); 0.2 if neither
     images_per_seed: int = 4  # m: images (caption variants) per seed
-    budget: str = "uniform"  # uniform: m per seed; accuracy: classes the classifier gets wrong more get more
+    budget: str = "uniform"  # uniform: m per seed; accuracy: classes the classifier gets wrong more get more; file
+    budget_file: str | None = None  # budget=file: JSON with per_class {class name: images} (`synthforge gaps`)
     caption_source: str = "class_name"  # class_name | column (the real data's captions) | model (a captioning model)
     caption_model: str | None = None  # transformers image-to-text model (path or hub id) for caption_source=model
     perturb_model: str | None = None  # transformers causal LM (path or hub id) writing caption variants; None = no perturbation
@@ -66,12 +79,28 @@ def _validate(o: SeedsOptions, params_file: str) -> None:
         raise BadInput(f"{where}.k: must be at least 1, got {o.k}")
     if o.images_per_seed < 1:
         raise BadInput(f"{where}.images_per_seed: must be at least 1, got {o.images_per_seed}")
-    if o.budget not in ("uniform", "accuracy"):
-        raise BadInput(f"{where}.budget: must be uniform or accuracy, got {o.budget!r}")
+    if o.budget not in ("uniform", "accuracy", "file"):
+        raise BadInput(f"{where}.budget: must be uniform, accuracy or file, got {o.budget!r}")
+    if o.budget == "file" and not o.budget_file:
+        raise BadInput(f"{where}.budget_file: budget=file needs a budget file (`synthforge gaps` writes data/gaps/budget.json)")
     if o.caption_source not in ("class_name", "column", "model"):
         raise BadInput(f"{where}.caption_source: must be class_name, column or model, got {o.caption_source!r}")
     if o.caption_source == "model" and not o.caption_model:
         raise BadInput(f"{where}.caption_model: caption_source=model needs a captioning model (path or hub id)")
+
+
+def seeds_options(params: dict[str, Any]) -> SeedsOptions:
+    """The validated `seeds` section of params."""
+    params_file = params.get("__file__", "params.yaml")
+    o = parse_options(SeedsOptions, params.get("seeds") or {}, "seeds", params_file)
+    _validate(o, params_file)
+    return o
+
+
+def seed_count(o: SeedsOptions, n_train: int) -> int:
+    """How many of n_train real images marginal sampling selects: k, or the fraction (at least one)."""
+    k = o.k if o.k is not None else max(1, round(o.fraction * n_train))
+    return min(k, n_train)
 
 
 def images_per_seed(labels: np.ndarray, per_class_accuracy: dict[int, float | None], m: int, budget: str) -> np.ndarray:
@@ -86,13 +115,63 @@ def images_per_seed(labels: np.ndarray, per_class_accuracy: dict[int, float | No
     return np.clip(np.rint(m * error / mean), 1, 4 * m).astype(np.int64)
 
 
+def read_budget(path: str | Path, class_names: list[str]) -> tuple[list[int], str]:
+    """Images per class, in class order, from a budget file's `per_class` {class name: images}, and the file's
+    digest. Every class must be there with a non-negative integer; other keys (total, basis, ...) are informational."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: budget file not found (seeds.budget_file; `synthforge gaps` writes one)")
+    content = path.read_bytes()
+    try:
+        data = json.loads(content)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{path}: not valid JSON: {exc}") from None
+    per_class = data.get("per_class") if isinstance(data, dict) else None
+    if not isinstance(per_class, dict):
+        raise BadInput(f"{path}: per_class: expected an object of class name to images, got {per_class!r}")
+    unknown = [name for name in per_class if name not in class_names]
+    if unknown:
+        raise BadInput(f"{path}: per_class.{unknown[0]}: not a class of the real data (classes: {', '.join(class_names)})")
+    for name, n in per_class.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise BadInput(f"{path}: per_class.{name}: expected a non-negative integer number of images, got {n!r}")
+    missing = [name for name in class_names if name not in per_class]
+    if missing:
+        raise BadInput(f"{path}: per_class: no budget for class(es) {', '.join(missing)} (give 0 to generate none)")
+    return [per_class[name] for name in class_names], sha256_hex(content)
+
+
+def spread_budget(labels: np.ndarray, rank: np.ndarray, selected: np.ndarray, budget: list[int], m: int) -> np.ndarray:
+    """Images per real image from per-class totals: each class's budget over its lowest-ranked images, evenly.
+
+    A class uses its selected seeds, at most one per image of budget, and at least enough that none carries more
+    than m (its next-lowest-ranked images join in); the remainder goes to the lowest-ranked first."""
+    n_images = np.zeros(len(labels), dtype=np.int64)
+    for c, total in enumerate(budget):
+        if not total:
+            continue
+        members = np.flatnonzero(labels == c)
+        members = members[np.argsort(rank[members])]
+        n_seeds = min(len(members), total, max(int(selected[members].sum()), -(-total // m)))
+        if n_seeds:
+            base, extra = divmod(total, n_seeds)
+            n_images[members[:n_seeds]] = base + (np.arange(n_seeds) < extra)
+    return n_images
+
+
+def marginal_ranks(scores: np.ndarray) -> np.ndarray:
+    """Each image's rank by marginal score, 0 = the lowest; ties by input order."""
+    order = np.lexsort((np.arange(len(scores)), scores))
+    rank = np.empty(len(scores), dtype=np.int64)
+    rank[order] = np.arange(len(scores))
+    return rank
+
+
 def run_seeds(params: dict[str, Any], real: str | Path, classifier: str | Path, out: str | Path) -> dict[str, Any]:
     from synthforge.vision.classifier import classifier_digest, load_classifier, marginal_scores
     from synthforge.vision.real import read_real, real_info
 
-    params_file = params.get("__file__", "params.yaml")
-    o = parse_options(SeedsOptions, params.get("seeds") or {}, "seeds", params_file)
-    _validate(o, params_file)
+    o = seeds_options(params)
     seed = int(params["seed"])
     clf = load_classifier(classifier)
     table = read_real(Path(real), "train")
@@ -103,17 +182,29 @@ def run_seeds(params: dict[str, Any], real: str | Path, classifier: str | Path, 
             f"{classifier}: trained on classes {clf.class_names}, but {real} has {real_classes}; retrain the classifier"
         )
     labels = np.asarray([r["label"] for r in rows], dtype=np.int64)
+    budget_file = None
+    if o.budget == "file":  # read before scoring: a bad file fails fast
+        budget, digest = read_budget(o.budget_file, real_classes)
+        unseedable = [c for c, n in enumerate(budget) if n and not (labels == c).any()]
+        if unseedable:
+            c = unseedable[0]
+            raise BadInput(
+                f"{o.budget_file}: per_class.{real_classes[c]}: {budget[c]} images budgeted, but {real} has no training "
+                "image of the class to seed them"
+            )
+        budget_file = {"path": str(o.budget_file), "digest": digest}
     scores = marginal_scores(clf.probabilities([r["image"] for r in rows]), labels)
-    order = np.lexsort((np.arange(len(rows)), scores))  # lowest score first, ties by input order
-    rank = np.empty(len(rows), dtype=np.int64)
-    rank[order] = np.arange(len(rows))
-    k = o.k if o.k is not None else max(1, round(o.fraction * len(rows)))
-    selected = rank < min(k, len(rows))
+    rank = marginal_ranks(scores)
+    selected = rank < seed_count(o, len(rows))
 
     clf_stats = json.loads((Path(classifier) / "stats.json").read_text())  # load_classifier checked the folder
     accuracy = {i: clf_stats["per_class_accuracy"].get(name) for i, name in enumerate(clf.class_names)}
-    n_images = np.zeros(len(rows), dtype=np.int64)
-    n_images[selected] = images_per_seed(labels[selected], accuracy, o.images_per_seed, o.budget)
+    if o.budget == "file":
+        n_images = spread_budget(labels, rank, selected, budget, o.images_per_seed)
+        selected = n_images > 0
+    else:
+        n_images = np.zeros(len(rows), dtype=np.int64)
+        n_images[selected] = images_per_seed(labels[selected], accuracy, o.images_per_seed, o.budget)
 
     captions, caption_model = _captions(o, rows, selected)
     variants, variants_model = _variants(o, rows, captions, selected, n_images, seed)
@@ -160,6 +251,7 @@ def run_seeds(params: dict[str, Any], real: str | Path, classifier: str | Path, 
             "perturb_model": variants_model,
             "unparsed_variants": sum(not v["parsed"] for vs in variants.values() for v in vs),
             "classifier": {"path": str(classifier), "digest": classifier_digest(classifier)},
+            "budget_file": budget_file,
             "options": {k: getattr(o, k) for k in o.__dataclass_fields__},
         }
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
