@@ -129,6 +129,7 @@ def card_figures(
     image_column: str | None,
     class_key: ClassKey | None,
     stage_info: Sequence[dict[str, Any]] = (),
+    evaluation: dict[str, Any] | None = None,
 ) -> list[Figure]:
     """Draw the card's figures into `folder` (the version's images/) and return them, in card order.
 
@@ -136,7 +137,8 @@ def card_figures(
     column of PNG bytes for image data. class_key: (column, classes in label order) from `class_key`.
     stage_info: the stage.json of each stage that made the samples; the judge stage's params give the pass
     thresholds drawn on the judge score histograms. Only figures with data are drawn: no judge histogram for a
-    dataset without scores, no VoG or image grids for text.
+    dataset without scores, no VoG or image grids for text. evaluation: `synthforge evaluate`'s result for these
+    samples, drawn as its metric and per-class accuracy figures.
     """
     rows = [r for split_rows in by_split.values() for r in split_rows]
     figures: list[Figure] = []
@@ -145,6 +147,24 @@ def card_figures(
         folder.mkdir(parents=True, exist_ok=True)
         (folder / file).write_bytes(png)
         figures.append(Figure(title, f"{folder.name}/{file}", caption, section))
+
+    if evaluation:
+        settings = evaluation["comparison"]["settings"]
+        per_class = {name: s["per_class_accuracy"] for name, s in settings.items()}
+        add(
+            "evaluation_metrics.png",
+            plots.metrics_by_setting(settings),
+            "Metrics per training setting",
+            f"Each dot is one seed; the verdict compares the setting with {evaluation['baseline']!r}, paired by seed.",
+            "evaluation",
+        )
+        add(
+            "evaluation_per_class_accuracy.png",
+            plots.per_class_accuracy_bars(per_class, list(next(iter(per_class.values())))),
+            "Per-class accuracy per training setting",
+            "Accuracy on the real test images of each class, mean over seeds with the spread across seeds.",
+            "evaluation",
+        )
 
     by_difficulty = {s: Counter(map(_difficulty, split_rows)) for s, split_rows in by_split.items()}
     add(
@@ -218,6 +238,14 @@ def _section(heading: str, lines: list[str], figures: list[Figure], key: str) ->
     """A card section: its lines, then the figures that belong to it (each with its caption); none when empty."""
     lines = lines + [line for f in figures if f.section == key for line in (f"![{f.title}]({f.path})", "", f"*{f.caption}*", "")]
     return [f"## {heading}", "", *lines] if lines else []
+
+
+def _evaluation_lines(evaluation: dict[str, Any] | None) -> list[str]:
+    from synthforge.evaluate import summary_markdown, verdict_sentences
+
+    if evaluation is None:
+        return []
+    return [*(f"- {line}" for line in verdict_sentences(evaluation)), "", summary_markdown(evaluation)]
 
 
 def _load_lines(load_call: str, hub_repo: str | None, version: str) -> list[str]:
@@ -295,6 +323,7 @@ def render_card(
     changelog: Sequence[dict[str, Any]] = (),
     advisories: Sequence[dict[str, Any]] = (),
     hub_repo: str | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> str:
     """The card as README.md text: Hub YAML front matter, then the body in markdown.
 
@@ -304,7 +333,7 @@ def render_card(
     params). changelog: entries {version, date, summary, diff {added, removed, changed, moved: counts},
     quarantine: advisory or None}. advisories: every quarantine known at publishing, each {affects, reason,
     clean_version, selector, samples {version: n}, date}. hub_repo: ORG/NAME on the Hugging Face Hub, for the
-    `datasets.load_dataset` line.
+    `datasets.load_dataset` line. evaluation: `synthforge evaluate`'s result for these samples, or None.
     """
     from datasets import DatasetInfo, Features, SplitDict, SplitInfo
 
@@ -369,6 +398,7 @@ def render_card(
         "prompt version, judge verdicts, dedup cluster, difficulty, split) in the `provenance` column and in "
         "`provenance/manifest.parquet`.",
         "",
+        *_section("Does the synthetic data help?", _evaluation_lines(evaluation), figures, "evaluation"),
         *_section("Splits", [split_table, ""], figures, "splits"),
         *_section("Samples", [], figures, "samples"),
         *_section("Labels", class_lines, figures, "labels"),

@@ -344,3 +344,118 @@ def vog_distributions(scores: Sequence[float], by_class: Sequence[tuple[Any, Seq
         per_class.set_title("normalised VoG per class")
         per_class.set_xlabel("normalised VoG")
         return _png(fig)
+
+
+_VERDICT_COLORS = {"helps": "#1a9641", "hurts": "#d7191c"}  # any other verdict (no effect, too few seeds) in grey
+_MAX_SETTING_CHARS = 20
+
+
+def _setting_colors(settings: Iterable[str]) -> dict[str, str]:
+    """The same colour for a setting in every evaluation figure: by its position among the settings."""
+    return {name: _SPLIT_COLORS[i % len(_SPLIT_COLORS)] for i, name in enumerate(settings)}
+
+
+def per_class_accuracy_bars(per_class: Mapping[str, Mapping[str, Mapping[str, Any]]], class_names: Sequence[str]) -> bytes:
+    """Accuracy per class, one group of horizontal bars per class (in `class_names` order) and one bar per setting:
+    the mean over seeds, with a line of one standard deviation either side.
+
+    per_class: {setting: {class: summary}}, a summary being `synthforge.metrics.summarize` output (mean, std, n),
+    i.e. {setting: compare(...)["settings"][setting]["per_class_accuracy"]}. A class without samples has no bar.
+    """
+    if not per_class or not class_names:
+        raise BadInput("per_class_accuracy_bars: no setting or no class to draw")
+    colors = _setting_colors(per_class)
+    bar = 0.8 / len(per_class)
+    with _chart(1.0 + 0.12 * len(class_names) * (len(per_class) + 1)) as fig:
+        ax = fig.add_subplot()
+        y = np.arange(len(class_names))
+        for i, (setting, by_class) in enumerate(per_class.items()):
+            summaries = [by_class.get(c) or {} for c in class_names]
+            means = [np.nan if s.get("mean") is None else s["mean"] for s in summaries]
+            stds = [s.get("std") or 0.0 for s in summaries]
+            seeds = max((s.get("n", 0) for s in summaries), default=0)
+            ax.barh(
+                y - 0.4 + (i + 0.5) * bar,
+                means,
+                height=bar,
+                xerr=stds,
+                error_kw={"elinewidth": 1, "capsize": 2},
+                label=f"{_label(setting)} ({seeds} seeds)",
+                color=colors[setting],
+            )
+        ax.set_yticks(y, [_label(c) for c in class_names])
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1.05)
+        ax.set_xlabel("accuracy on the class's test samples (mean over seeds ± 1 std)")
+        ax.grid(axis="y", visible=False)
+        ax.legend(title="setting", loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+        return _png(fig)
+
+
+def metrics_by_setting(
+    settings: Mapping[str, Mapping[str, Any]], metrics: Sequence[str] | None = None, level: str | None = None
+) -> bytes:
+    """One panel per metric, two a row: each setting's value per seed as dots and its mean as a bar-wide line,
+    the baseline's mean as a dashed line across, and above each other setting its verdict and mean change.
+
+    settings: `synthforge.metrics.compare(...)["settings"]`: {setting: {"overall": {metric: summary},
+    "by_difficulty": {level: {metric: summary}}, "verdicts": {metric: verdict}, "verdicts_by_difficulty": ...}};
+    the setting without "verdicts" is the baseline. metrics: the panels, by default every metric of "overall" in
+    its order. level: draw one difficulty level's figures instead of the overall ones. A metric undefined in every
+    run (top-5 with 5 classes or fewer) gets no panel.
+    """
+
+    def scope(summary: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+        return summary.get(key, {}) if level is None else summary.get(f"{key}_by_difficulty", {}).get(level, {})
+
+    def values(summary: Mapping[str, Any], metric: str) -> list[float]:
+        by_metric = summary["overall"] if level is None else summary["by_difficulty"].get(level, {})
+        return [v for v in by_metric.get(metric, {}).get("values", []) if v is not None]
+
+    if not settings:
+        raise BadInput("metrics_by_setting: no setting to draw")
+    metrics = list(next(iter(settings.values()))["overall"]) if metrics is None else list(metrics)
+    drawn = [m for m in metrics if any(values(s, m) for s in settings.values())]
+    if not drawn:
+        where = "overall" if level is None else f"at difficulty {level!r}"
+        raise BadInput(f"metrics_by_setting: none of the metrics {metrics} has a value {where}")
+    colors = _setting_colors(settings)
+    names = list(settings)
+    x = np.arange(len(names))
+    cols = min(2, len(drawn))
+    n_rows = -(-len(drawn) // cols)
+    with _chart(0.6 + 2.6 * n_rows) as fig:
+        axes = fig.subplots(n_rows, cols, squeeze=False).ravel()
+        for ax, metric in zip(axes, drawn, strict=False):
+            for i, name in enumerate(names):
+                seeds = values(settings[name], metric)
+                if not seeds:
+                    continue
+                offsets = np.linspace(-0.15, 0.15, len(seeds)) if len(seeds) > 1 else np.zeros(1)
+                ax.scatter(i + offsets, seeds, s=14, color=colors[name], zorder=3)
+                mean = float(np.mean(seeds))
+                ax.hlines(mean, i - 0.3, i + 0.3, color=colors[name], linewidth=2.5, zorder=2)
+                if "verdicts" not in settings[name]:
+                    ax.axhline(mean, color="#7f7f7f", linestyle="--", linewidth=0.8, zorder=1)
+                judged = scope(settings[name], "verdicts").get(metric)
+                if judged:
+                    delta = "" if judged["delta"] is None else f"\n{judged['delta']:+.3f}"
+                    ax.text(
+                        i,
+                        1.0,
+                        judged["verdict"].replace("no measurable", "no measurable\n") + delta,
+                        transform=ax.get_xaxis_transform(),
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                        color=_VERDICT_COLORS.get(judged["verdict"], "#7f7f7f"),
+                    )
+            ax.set_title(metric, pad=30)
+            ax.set_xticks(x, [_label(n, _MAX_SETTING_CHARS) for n in names], rotation=15, ha="right")
+            ax.set_xlim(-0.6, len(names) - 0.4)
+            ax.grid(axis="x", visible=False)
+        for ax in axes[len(drawn) :]:
+            ax.set_axis_off()
+        if level is not None:
+            fig.suptitle(f"difficulty: {level}")
+        return _png(fig)

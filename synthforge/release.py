@@ -63,6 +63,7 @@ class ReleaseContent:
     pipeline: dict  # dvc.yaml, dvc.lock and params of the run
     where: str  # what the content was read from, for messages
     derived_from: dict | None = None  # {"version", "commit"} for a release made from an earlier version
+    evaluation: dict | None = None  # `synthforge evaluate`'s result for exactly these samples, if it ran on them
 
     @property
     def params(self) -> dict:
@@ -128,7 +129,21 @@ def from_split_stage(split_dir: str | Path, params: dict, project: Path) -> Rele
         stats=[json.loads((s.path / "stats.json").read_text()) for s in chain],
         pipeline=pipeline,
         where=str(source.path),
+        evaluation=evaluation_of(source),
     )
+
+
+def evaluation_of(source: StageInput) -> dict | None:
+    """The evaluation beside the split stage (data/evaluation), if one of its settings trained on exactly this output.
+
+    An evaluation of an earlier run of the pipeline says nothing about these samples, so it is left out.
+    """
+    path = source.path.parent / "evaluation" / "evaluation.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    fingerprints = {(s.get("source") or {}).get("fingerprint") for s in result.get("settings", [])}
+    return result if source.fingerprint in fingerprints else None
 
 
 def from_version(folder: Path, version: str, commit: str, drop: set[str], reason: str) -> ReleaseContent:
@@ -325,11 +340,19 @@ def write_release(
         "stats": content.stats,
         "pipeline": content.pipeline,
         "changelog": changelog,
+        "evaluation": content.evaluation,
     }
     (tree / "synthforge.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     (tree / "advisories.json").write_text(json.dumps(advisories, indent=2, ensure_ascii=False) + "\n")
     classes = class_key(content.schema, all_rows)
-    figures = card_figures(tree / "images", content.by_split, image_column=image, class_key=classes, stage_info=content.lineage)
+    figures = card_figures(
+        tree / "images",
+        content.by_split,
+        image_column=image,
+        class_key=classes,
+        stage_info=content.lineage,
+        evaluation=content.evaluation,
+    )
     publish = content.params.get("publish") or {}
     card = render_card(
         name=name,
@@ -348,6 +371,7 @@ def write_release(
         changelog=changelog,
         advisories=advisories,
         hub_repo=hub_repo,
+        evaluation=content.evaluation,
     )
     (tree / "README.md").write_text(card)
     write_croissant(tree, meta, release.manifest.column("provenance").to_pylist(), url=url)
