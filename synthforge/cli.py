@@ -306,14 +306,16 @@ def evaluate(
 
     p = _params(params)
     result = run_evaluate(p, real, classifier, out, resolve_registry(registry, p, Path(".")))
-    table = Table("setting", *METRICS, title=f"real test images, mean ± std over {len(result['seeds'])} seeds")
+    marks = {"helps": "[green]▲ helps[/]", "hurts": "[red]▼ hurts[/]", "no measurable effect": "[dim]= no effect[/]"}
+    table = Table("setting", *METRICS, title=f"real test images: mean over {len(result['seeds'])} seeds, vs the baseline")
     for name, summary in result["comparison"]["settings"].items():
         cells = []
         for m in METRICS:
             s, v = summary["overall"][m], (summary.get("verdicts") or {}).get(m)
-            text = "n/a" if s["mean"] is None else f"{s['mean']:.3f}" + (f" ± {s['std']:.3f}" if s["std"] is not None else "")
-            colour = {"helps": "green", "hurts": "red"}.get(v["verdict"]) if v else None
-            cells.append(text + (f"\n[{colour or 'dim'}]{v['verdict']}[/]" if v else ""))
+            text = "n/a" if s["mean"] is None else f"{s['mean']:.3f}"
+            if v and v["delta"] is not None:
+                text += f" {v['delta']:+.3f}\n{marks.get(v['verdict'], v['verdict'])}"
+            cells.append(text)
         table.add_row(name, *cells)
     console = Console()
     console.print(table)

@@ -209,6 +209,7 @@ def run_evaluate(
     import torch
 
     from synthforge.metrics import compare, metrics_by_group
+    from synthforge.plots import DIFFICULTY_ORDER
     from synthforge.torch import ImageTable, SyntheticInfo
     from synthforge.vision.images import to_tensor
     from synthforge.vision.real import read_real, real_info
@@ -266,7 +267,7 @@ def run_evaluate(
             {**dataclasses.asdict(s), "source": sources[s.synthetic].identity if s.synthetic else None} for s in settings
         ],
         "real": {"digest": info["digest"], "train": train.num_rows, "test": test.num_rows},
-        "test_difficulty": {level: difficulty.count(level) for level in dict.fromkeys(difficulty)},
+        "test_difficulty": {level: difficulty.count(level) for level in DIFFICULTY_ORDER if level in difficulty},
         "runs": runs,
         "comparison": comparison,
     }
@@ -294,30 +295,50 @@ def dvc_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _cell(summary: dict[str, Any], verdict: dict[str, Any] | None) -> str:
+    """mean ± std over seeds, and against the baseline the mean paired difference and its verdict."""
+    if summary["mean"] is None:
+        return "n/a"
+    text = f"{summary['mean']:.3f}" + (f" ± {summary['std']:.3f}" if summary["std"] is not None else "")
+    if verdict is not None and verdict["delta"] is not None:
+        text += f" ({verdict['delta']:+.3f}, {verdict['verdict']})"
+    return text
+
+
 def summary_markdown(result: dict[str, Any]) -> str:
-    """The verdict table: each setting's mean ± std per metric, and against the baseline the delta and verdict."""
+    """The verdict table: each setting's mean ± std per metric, and against the baseline the delta and verdict;
+    then top-1 per difficulty level of the real test images, where an overall number can hide a change."""
     from synthforge.metrics import METRICS
 
     comparison = result["comparison"]
-    n = len(result["seeds"])
+    settings = comparison["settings"]
+    levels = list(result["test_difficulty"])
     lines = [
-        f"Classifiers trained under each setting over {n} seeds, scored on {result['real']['test']} held-out real test "
-        f"images; the verdict compares each setting with **{comparison['baseline']}**, paired by seed "
-        f"({result['options']['confidence']:.0%} interval on the mean difference).",
+        f"Classifiers trained under each setting over {len(result['seeds'])} seeds, scored on {result['real']['test']} "
+        f"held-out real test images; the verdict compares each setting with **{comparison['baseline']}**, paired by "
+        f"seed ({result['options']['confidence']:.0%} interval on the mean difference).",
         "",
         "| setting | " + " | ".join(METRICS) + " |",
         "|---|" + "---|" * len(METRICS),
+        *(
+            f"| {name} | " + " | ".join(_cell(s["overall"][m], (s.get("verdicts") or {}).get(m)) for m in METRICS) + " |"
+            for name, s in settings.items()
+        ),
+        "",
+        "Top-1 by difficulty of the real test image (the reference classifier's marginal score, as the tag stage tags samples):",
+        "",
+        "| setting | " + " | ".join(f"{lv} ({result['test_difficulty'][lv]})" for lv in levels) + " |",
+        "|---|" + "---|" * len(levels),
+        *(
+            f"| {name} | "
+            + " | ".join(
+                _cell(s["by_difficulty"][lv]["top1"], ((s.get("verdicts_by_difficulty") or {}).get(lv) or {}).get("top1"))
+                for lv in levels
+            )
+            + " |"
+            for name, s in settings.items()
+        ),
     ]
-    for name, summary in comparison["settings"].items():
-        cells = []
-        for m in METRICS:
-            s = summary["overall"][m]
-            text = "n/a" if s["mean"] is None else f"{s['mean']:.3f}" + (f" ± {s['std']:.3f}" if s["std"] is not None else "")
-            v = (summary.get("verdicts") or {}).get(m)
-            if v is not None and v["delta"] is not None:
-                text += f" ({v['delta']:+.3f}, {v['verdict']})"
-            cells.append(text)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -506,7 +506,7 @@ class _Generate:
     def __init__(self, params: dict[str, Any], generator: str | Path | None, data: _Real, seed: int):
         from synthforge.stages.generate_images import ImageMaker, generator_digest
         from synthforge.stages.prepare import load_generator
-        from synthforge.stages.seeds import _captions, seeds_options
+        from synthforge.stages.seeds import caption_perturber, seed_captions, seeds_options
         from synthforge.vision.images import IMAGE_CONTENT_SCHEMA
 
         params_file = params.get("__file__", "params.yaml")
@@ -520,7 +520,8 @@ class _Generate:
         self.seeds = seeds_options(params)
         self.rows, self.seed = data.rows, seed
         # Every real training image may become marginal, so all are captioned once (GenDataAgent captions T with BLIP-2).
-        self.captions, self.caption_model = _captions(self.seeds, self.rows, np.ones(len(self.rows), dtype=bool))
+        self.captions, self.caption_model = seed_captions(self.seeds, self.rows, np.ones(len(self.rows), dtype=bool))
+        self.perturber = caption_perturber(self.seeds)  # loaded once, asked every iteration
         family, gen = load_generator(params, generator)
         self.maker = ImageMaker(family, gen, data.info["source_id"])
         self.batch_size = int(section.get("batch_size", 256))
@@ -532,10 +533,12 @@ class _Generate:
     def images(self, iteration: int, batch_id: str, scores: np.ndarray, n_images: np.ndarray) -> tuple[list[Row], np.ndarray]:
         from synthforge.progress import progress_bar
         from synthforge.stages.generate_images import plan_images
-        from synthforge.stages.seeds import _variants
+        from synthforge.stages.seeds import caption_variants
 
         selected = n_images > 0
-        variants, variants_model = _variants(self.seeds, self.rows, self.captions, selected, n_images, self.seed + iteration)
+        variants, variants_model = caption_variants(
+            self.seeds, self.rows, self.captions, selected, n_images, self.seed + iteration, self.perturber
+        )
         jobs = []
         for i in map(int, np.flatnonzero(selected)):
             real = self.rows[i]

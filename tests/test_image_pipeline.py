@@ -182,7 +182,15 @@ def test_dvc_repro_runs_the_default_pipeline_and_reruns_only_from_a_changed_stag
     from synthforge.project import init_project
 
     root = init_project(tmp_path / "proj")
-    tiny = merge_params(FAST, {"classifier": {"epochs": 3}, "generator": {"unet": {"base_steps": 10, "lora_steps": 5}}})
+    tiny = merge_params(
+        FAST,
+        {
+            "classifier": {"epochs": 3},
+            "generator": {"unet": {"base_steps": 10, "lora_steps": 5}},
+            "seeds": {"budget": "file"},  # the default pipeline's: seeds reads the gaps stage's budget
+            "evaluate": {"seeds": 2, "epochs": 2},
+        },
+    )
     params = merge_params(yaml.safe_load((root / "params.yaml").read_text()), tiny)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -198,19 +206,21 @@ def test_dvc_repro_runs_the_default_pipeline_and_reruns_only_from_a_changed_stag
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout
 
+    stages = ("real", "classifier", "adapt", "gaps", "seeds", "generate", "judge", "dedup", "tag", "split", "evaluate")
     first = repro()
-    for stage in ("real", "classifier", "adapt", "seeds", "generate", "judge", "dedup", "tag", "split"):
+    for stage in stages:
         assert f"Running stage '{stage}'" in first
     assert (root / "data" / "split" / "stats.json").exists()
+    budget = json.loads((root / "data" / "gaps" / "budget.json").read_text())["per_class"]
+    planned = json.loads((root / "data" / "seeds" / "stats.json").read_text())["per_class"]
+    assert {name: c["images"] for name, c in planned.items()} == budget
+    verdicts = json.loads((root / "data" / "evaluation" / "metrics.json").read_text())["real + synthetic"]
+    assert verdicts["top1_verdict"] in ("helps", "no measurable effect", "hurts")
     params["judge"]["checks"][1]["drop_fraction"] = 0.5
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = repro()
-    ran = {
-        s
-        for s in ("real", "classifier", "adapt", "seeds", "generate", "judge", "dedup", "tag", "split")
-        if f"Running stage '{s}'" in second
-    }
-    assert ran == {"judge", "dedup", "tag", "split"}
+    ran = {s for s in stages if f"Running stage '{s}'" in second}
+    assert ran == {"judge", "dedup", "tag", "split", "evaluate"}
 
 
 def test_stable_diffusion_family_runs_from_params(digits, tmp_path):

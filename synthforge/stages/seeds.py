@@ -206,8 +206,8 @@ def run_seeds(params: dict[str, Any], real: str | Path, classifier: str | Path, 
         n_images = np.zeros(len(rows), dtype=np.int64)
         n_images[selected] = images_per_seed(labels[selected], accuracy, o.images_per_seed, o.budget)
 
-    captions, caption_model = _captions(o, rows, selected)
-    variants, variants_model = _variants(o, rows, captions, selected, n_images, seed)
+    captions, caption_model = seed_captions(o, rows, selected)
+    variants, variants_model = caption_variants(o, rows, captions, selected, n_images, seed)
 
     out = Path(out)
     with atomic_dir(out) as tmp:
@@ -258,7 +258,7 @@ def run_seeds(params: dict[str, Any], real: str | Path, classifier: str | Path, 
     return stats
 
 
-def _captions(o: SeedsOptions, rows: list[dict], selected: np.ndarray) -> tuple[list[str | None], str | None]:
+def seed_captions(o: SeedsOptions, rows: list[dict], selected: np.ndarray) -> tuple[list[str | None], str | None]:
     """The raw caption of each selected seed: its class name, the dataset's caption, or a captioning model's."""
     if o.caption_source == "class_name":
         return [r["label_name"] if s else None for r, s in zip(rows, selected, strict=True)], None
@@ -280,13 +280,22 @@ def _captions(o: SeedsOptions, rows: list[dict], selected: np.ndarray) -> tuple[
     return captions, captioner.model_id
 
 
-def _variants(o, rows, captions, selected, n_images, seed) -> tuple[dict[int, list[dict]], str | None]:
-    """m perturbed captions per selected seed (GenDataAgent 2.3), when a perturbation model is configured."""
+def caption_perturber(o: SeedsOptions):
+    """The LLM that writes caption variants, or None when no perturbation model is configured."""
     if not o.perturb_model:
-        return {}, None
+        return None
     from synthforge.vision.captions import CaptionPerturber
 
-    perturber = CaptionPerturber(o.perturb_model, max_words=o.max_words, param="seeds.perturb_model")
+    return CaptionPerturber(o.perturb_model, max_words=o.max_words, param="seeds.perturb_model")
+
+
+def caption_variants(o, rows, captions, selected, n_images, seed, perturber=None) -> tuple[dict[int, list[dict]], str | None]:
+    """m perturbed captions per selected seed (GenDataAgent 2.3), when a perturbation model is configured.
+
+    perturber: one made by `caption_perturber`, so a caller asking every iteration loads the model once."""
+    perturber = perturber or caption_perturber(o)
+    if perturber is None:
+        return {}, None
     idx = [int(i) for i in np.flatnonzero(selected)]
     m = int(n_images.max()) if idx else 0
     made = perturber.perturb([(rows[i]["label_name"], captions[i] or rows[i]["label_name"]) for i in idx], m, seed)
