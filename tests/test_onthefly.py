@@ -255,6 +255,7 @@ def test_mode_pool_and_vog_window_mistakes_are_named(project, tmp_path):
 
 
 def test_the_on_the_fly_pipeline_validates_and_its_later_stages_take_the_agent_output(project):
+    from synthforge.evaluate import run_evaluate
     from synthforge.onthefly import agent_options
     from synthforge.params import load_params
     from synthforge.stages.dedup import run_dedup
@@ -267,7 +268,7 @@ def test_the_on_the_fly_pipeline_validates_and_its_later_stages_take_the_agent_o
     options = agent_options(params)
     assert options.mode == "online" and options.warmup == 3 and options.vog.checkpoints == 3
     stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
-    assert list(stages) == ["real", "adapt", "agent", "judge", "dedup", "tag", "split"]
+    assert list(stages) == ["real", "adapt", "agent", "judge", "dedup", "tag", "split", "evaluate"]
     assert (
         "--out data/agent --classifier-out models/agent" in stages["agent"]["cmd"] and "models/agent" in stages["agent"]["outs"]
     )
@@ -279,7 +280,12 @@ def test_the_on_the_fly_pipeline_validates_and_its_later_stages_take_the_agent_o
         run_dedup(params, "data/judged", "data/deduped")
         tagged = run_tag(params, "data/deduped", "data/tagged")
         split = run_split(params, "data/tagged", "data/split")
+        quick = {**params, "evaluate": {**params["evaluate"], "seeds": 2, "epochs": 1}}
+        evaluation = run_evaluate(quick, "data/real", "models/agent", "data/evaluation")
     assert tagged["entered"] > 0 and split["leakage_check"] == "passed"
+    split_fingerprint = json.loads((root / "data" / "split" / "stage.json").read_text())["fingerprint"]
+    assert evaluation["settings"][1]["source"]["fingerprint"] == split_fingerprint
+    assert set(evaluation["comparison"]["settings"]) == {"real only", "real + on-the-fly"}
     for row in read_rows(root / "data" / "split"):
         assert json.loads(row["provenance"]["difficulty_features"])["classifier"] == "models/agent"
         assert row["provenance"]["vog"]["checkpoints"] and iteration_of(row) in ON_THE_FLY
