@@ -139,19 +139,11 @@ def read_synthetic(spec: str, split: str, registry: str | Path | None, project: 
     )
 
 
-def real_difficulty(images: list[bytes], labels: np.ndarray, params: dict[str, Any], classifier: Path) -> list[str]:
-    """The tag stage's difficulty for each real test image, from the reference classifier and params `tag`."""
+def difficulty_tagger(params: dict[str, Any], classifier: Path):
+    """The tag stage's image tagger over the reference classifier, with the thresholds of params `tag`."""
     from synthforge.stages.tag import ImageTagStage
 
-    tagger = ImageTagStage({**(params.get("tag") or {}), "classifier": str(classifier)}, params.get("__file__", "params.yaml"))
-    probs = tagger.classifier.probabilities(images)
-    names = tagger.classifier.class_names
-    levels = []
-    for p, y in zip(probs, labels, strict=True):
-        top = int(p.argmax())
-        level, _ = tagger.classify(float(p[y]), names[top], float(p[top]), names[int(y)])
-        levels.append(level)
-    return levels
+    return ImageTagStage({**(params.get("tag") or {}), "classifier": str(classifier)}, params.get("__file__", "params.yaml"))
 
 
 def _mixed_sampler(setting: SettingOptions, o: EvaluateOptions, real_labels, info, seed: int, params_file: str):
@@ -218,9 +210,8 @@ def run_evaluate(
     real, classifier, out = Path(real), Path(classifier), Path(out)
     info = real_info(real)
     class_names = info["class_names"]
-    from synthforge.vision.classifier import load_classifier
-
-    reference = load_classifier(classifier)
+    tagger = difficulty_tagger(params, classifier)  # each real test image gets the difficulty the tag stage would give
+    reference = tagger.classifier
     if reference.class_names != class_names:
         raise BadInput(f"{classifier}: trained on classes {reference.class_names}, but {real} has {class_names}")
     shape = (reference.channels, reference.image_size)
@@ -231,7 +222,7 @@ def run_evaluate(
     test_images = test.column("image").to_pylist()
     y_test = np.asarray(test.column("label").to_pylist(), dtype=np.int64)
     x_test = to_tensor(test_images, *shape)
-    difficulty = real_difficulty(test_images, y_test, params, classifier)
+    difficulty = tagger.levels(reference.probabilities(test_images), y_test)
 
     sources: dict[str, SyntheticSource] = {}
     infos: dict[str, SyntheticInfo] = {}

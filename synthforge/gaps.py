@@ -88,17 +88,10 @@ class _Scored:
 def _score(tagger: ImageTagStage, table: pa.Table) -> _Scored:
     from synthforge.vision.classifier import marginal_scores
 
-    names = tagger.classifier.class_names
     labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
     probs = tagger.classifier.probabilities(table.column("image").to_pylist())
-    top = probs.argmax(axis=1)
-    scores = marginal_scores(probs, labels)
-    levels = [
-        # Rounded as the tag stage rounds the score it classifies.
-        tagger.classify(round(float(s), 6), names[t], round(float(p[t]), 6), names[y])[0]
-        for s, t, p, y in zip(scores, top, probs, labels, strict=True)
-    ]
-    return _Scored(labels, scores, top == labels, np.asarray(levels, dtype=object))
+    levels = tagger.levels(probs, labels)
+    return _Scored(labels, marginal_scores(probs, labels), probs.argmax(axis=1) == labels, np.asarray(levels, dtype=object))
 
 
 def _mean(values: np.ndarray) -> float | None:

@@ -49,6 +49,7 @@ from synthforge.errors import BadInput
 from synthforge.params import parse_options
 from synthforge.provenance import sha256_hex
 from synthforge.stagedir import Row, StageInput, StageWriter, atomic_dir, reject, require_columns, stage_fingerprint
+from synthforge.stages.seeds import MARGINAL_FIELDS
 from synthforge.vision import vog
 
 if TYPE_CHECKING:
@@ -59,18 +60,8 @@ if TYPE_CHECKING:
 MODES = ("online", "offline")
 BUDGETS = ("uniform", "accuracy")
 
-MARGINAL_SCHEMA = pa.schema(
-    [
-        ("iteration", pa.int64()),
-        ("real_id", pa.string()),
-        ("label", pa.int64()),
-        ("label_name", pa.string()),
-        ("marginal_score", pa.float64()),
-        ("rank", pa.int64()),  # 0 = the lowest marginal score in this iteration
-        ("selected", pa.bool_()),
-        ("n_images", pa.int64()),  # images made for it (online) or taken from the pool (offline) in this iteration
-    ]
-)
+# The seeds stage's record of each real image, per iteration (rank 0 = the lowest marginal score that iteration).
+MARGINAL_SCHEMA = pa.schema([("iteration", pa.int64()), *MARGINAL_FIELDS])
 
 
 @dataclass
@@ -310,7 +301,7 @@ class _Loop:
         """Lines 8-15: marginal examples, their images, VoG; the kept images join the training data."""
         import torch
 
-        from synthforge.stages.seeds import images_per_seed, marginal_ranks
+        from synthforge.stages.seeds import images_per_seed, marginal_ranks, marginal_record
         from synthforge.vision.classifier import marginal_scores
 
         o, data = self.o, self.data
@@ -325,16 +316,7 @@ class _Loop:
             tags = {f"agent-iteration:{iteration}", f"agent-mode:{o.mode}"}
             row["provenance"]["tags"] = sorted(set(row["provenance"]["tags"] or []) | tags)
         self.marginal += [
-            {
-                "iteration": iteration,
-                "real_id": r["real_id"],
-                "label": r["label"],
-                "label_name": r["label_name"],
-                "marginal_score": float(scores[i]),
-                "rank": int(rank[i]),
-                "selected": bool(selected[i]),
-                "n_images": int(n_images[i]),
-            }
+            {"iteration": iteration, **marginal_record(r, scores[i], rank[i], selected[i], n_images[i])}
             for i, r in enumerate(data.rows)
         ]
         x = _image_tensor(rows, data.channels, data.size, f"{self.source.where}: iteration {iteration}")

@@ -37,15 +37,19 @@ from synthforge.provenance import sha256_hex
 from synthforge.stagedir import atomic_dir
 
 VARIANT_TYPE = pa.struct([("text", pa.string()), ("raw", pa.string()), ("parsed", pa.bool_())])
+# What marginal sampling records of each real training image; the on-the-fly loop records the same per iteration.
+MARGINAL_FIELDS = [
+    ("real_id", pa.string()),
+    ("label", pa.int64()),
+    ("label_name", pa.string()),
+    ("marginal_score", pa.float64()),
+    ("rank", pa.int64()),  # 0 = the lowest marginal score
+    ("selected", pa.bool_()),
+    ("n_images", pa.int64()),  # images planned for it (the loop: made, or taken from the pool)
+]
 SEEDS_SCHEMA = pa.schema(
     [
-        ("real_id", pa.string()),
-        ("label", pa.int64()),
-        ("label_name", pa.string()),
-        ("marginal_score", pa.float64()),
-        ("rank", pa.int64()),  # 0 = the lowest marginal score
-        ("selected", pa.bool_()),
-        ("n_images", pa.int64()),
+        *MARGINAL_FIELDS,
         ("caption", pa.string()),
         ("caption_model", pa.string()),
         ("variants", pa.list_(VARIANT_TYPE)),
@@ -167,6 +171,19 @@ def marginal_ranks(scores: np.ndarray) -> np.ndarray:
     return rank
 
 
+def marginal_record(row: dict, score: float, rank: int, selected: bool, n_images: int) -> dict:
+    """One real image's MARGINAL_FIELDS."""
+    return {
+        "real_id": row["real_id"],
+        "label": row["label"],
+        "label_name": row["label_name"],
+        "marginal_score": float(score),
+        "rank": int(rank),
+        "selected": bool(selected),
+        "n_images": int(n_images),
+    }
+
+
 def run_seeds(params: dict[str, Any], real: str | Path, classifier: str | Path, out: str | Path) -> dict[str, Any]:
     from synthforge.vision.classifier import classifier_digest, load_classifier, marginal_scores
     from synthforge.vision.real import read_real, real_info
@@ -213,13 +230,7 @@ def run_seeds(params: dict[str, Any], real: str | Path, classifier: str | Path, 
     with atomic_dir(out) as tmp:
         records = [
             {
-                "real_id": r["real_id"],
-                "label": r["label"],
-                "label_name": r["label_name"],
-                "marginal_score": float(scores[i]),
-                "rank": int(rank[i]),
-                "selected": bool(selected[i]),
-                "n_images": int(n_images[i]),
+                **marginal_record(r, scores[i], rank[i], selected[i], n_images[i]),
                 "caption": captions[i],
                 "caption_model": caption_model if selected[i] else None,
                 "variants": variants.get(i),

@@ -128,6 +128,16 @@ class ImageTagStage(StageBase):
             return "medium", f"marginal_score={score:.2f}>={self.medium}"
         return "hard", f"marginal_score={score:.2f}<{self.medium}"
 
+    def levels(self, probabilities, labels) -> list[str]:
+        """The difficulty of each image given the classifier's probabilities (N x K) and the true labels, with the
+        scores rounded as `apply` records and classifies them: the levels the tag stage would give."""
+        names = self.classifier.class_names
+        levels = []
+        for p, y in zip(probabilities, labels, strict=True):
+            top = int(p.argmax())
+            levels.append(self.classify(round(float(p[y]), 6), names[top], round(float(p[top]), 6), names[int(y)])[0])
+        return levels
+
     def apply(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
         probs = self.classifier.probabilities([r["image"] for r in rows])
         names = self.classifier.class_names
