@@ -129,28 +129,36 @@ def estimated_jaccard(sigs: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndar
     return (sigs[i] == sigs[j]).mean(axis=1)
 
 
-def candidate_pairs(sigs: np.ndarray, bands: int, rows: int, star_above: int = 64) -> np.ndarray:
-    """Pairs (i < j) that share at least one LSH band bucket, as an int64 array [k, 2].
-
-    Buckets up to `star_above` members give all their pairs; larger ones link each member to the first,
-    which keeps connectivity for clustering without a quadratic blow-up on degenerate inputs.
-    """
-    found = []
+def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """The LSH bucket key of each signature in each band, uint64 [n, bands]; the band is mixed into its key."""
+    keys = np.empty((len(sigs), bands), dtype=np.uint64)
     for band in range(bands):
         cols = sigs[:, band * rows : (band + 1) * rows].astype(np.uint64)
         key = np.full(len(sigs), np.uint64(band), dtype=np.uint64)
         for c in range(cols.shape[1]):
             key = splitmix64(key ^ cols[:, c])
-        order = np.argsort(key, kind="stable")
+        keys[:, band] = key
+    return keys
+
+
+def bucket_pairs(band: np.ndarray, key: np.ndarray, item: np.ndarray, star_above: int = 64) -> np.ndarray:
+    """Pairs (i < j) of items that share a bucket (band, key), as an int64 array [k, 2]; rows in any order.
+
+    Buckets up to `star_above` members give all their pairs; larger ones link each member to the first,
+    which keeps connectivity for clustering without a quadratic blow-up on degenerate inputs.
+    """
+    found = []
+    for b in np.unique(band):
+        in_band = np.flatnonzero(band == b)
+        order = in_band[np.argsort(key[in_band], kind="stable")]
         sorted_keys = key[order]
-        boundaries = np.flatnonzero(np.diff(sorted_keys)) + 1
-        starts = np.concatenate(([0], boundaries))
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(sorted_keys)) + 1))
         sizes = np.diff(np.concatenate((starts, [len(sorted_keys)])))
         pairs_of_two = starts[sizes == 2]
         if len(pairs_of_two):
-            found.append(np.stack([order[pairs_of_two], order[pairs_of_two + 1]], axis=1))
+            found.append(np.stack([item[order[pairs_of_two]], item[order[pairs_of_two + 1]]], axis=1))
         for s, n in zip(starts[sizes > 2], sizes[sizes > 2], strict=True):
-            members = np.sort(order[s : s + n])
+            members = np.sort(item[order[s : s + n]])
             if n <= star_above:
                 i, j = np.triu_indices(n, k=1)
                 found.append(np.stack([members[i], members[j]], axis=1))
@@ -160,6 +168,14 @@ def candidate_pairs(sigs: np.ndarray, bands: int, rows: int, star_above: int = 6
         return np.empty((0, 2), dtype=np.int64)
     pairs = np.sort(np.concatenate(found).astype(np.int64), axis=1)
     return np.unique(pairs, axis=0)
+
+
+def candidate_pairs(sigs: np.ndarray, bands: int, rows: int, star_above: int = 64) -> np.ndarray:
+    """Pairs (i < j) that share at least one LSH band bucket, as an int64 array [k, 2] (see `bucket_pairs`)."""
+    keys = band_keys(sigs, bands, rows)
+    band = np.tile(np.arange(bands), len(sigs))
+    item = np.repeat(np.arange(len(sigs)), bands)
+    return bucket_pairs(band, keys.reshape(-1), item, star_above)
 
 
 def cluster(n: int, pairs: np.ndarray) -> np.ndarray:
@@ -176,6 +192,23 @@ def cluster(n: int, pairs: np.ndarray) -> np.ndarray:
     return first[labels]
 
 
+def verified_pairs(
+    pairs: np.ndarray,
+    sigs: np.ndarray,
+    threshold: float,
+    eligible: np.ndarray | None = None,
+    exempt_pair: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """The candidate pairs that may join a cluster: both eligible, not exempt, estimated Jaccard >= threshold."""
+    if eligible is not None and len(pairs):
+        pairs = pairs[eligible[pairs[:, 0]] & eligible[pairs[:, 1]]]
+    if exempt_pair is not None and len(pairs):
+        pairs = pairs[~exempt_pair(pairs[:, 0], pairs[:, 1])]
+    if len(pairs):
+        pairs = pairs[estimated_jaccard(sigs, pairs[:, 0], pairs[:, 1]) >= threshold]
+    return pairs
+
+
 def near_duplicate_representatives(
     sigs: np.ndarray,
     threshold: float,
@@ -190,12 +223,5 @@ def near_duplicate_representatives(
     Items not `eligible` (for example texts without words) are their own representative; `exempt_pair(i, j)`
     returns a mask of candidate pairs that must not be linked (a variant and the sample it was derived from).
     """
-    n = len(sigs)
-    pairs = candidate_pairs(sigs, bands, rows)
-    if eligible is not None and len(pairs):
-        pairs = pairs[eligible[pairs[:, 0]] & eligible[pairs[:, 1]]]
-    if exempt_pair is not None and len(pairs):
-        pairs = pairs[~exempt_pair(pairs[:, 0], pairs[:, 1])]
-    if len(pairs):
-        pairs = pairs[estimated_jaccard(sigs, pairs[:, 0], pairs[:, 1]) >= threshold]
-    return cluster(n, pairs)
+    pairs = verified_pairs(candidate_pairs(sigs, bands, rows), sigs, threshold, eligible, exempt_pair)
+    return cluster(len(sigs), pairs)

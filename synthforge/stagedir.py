@@ -20,10 +20,10 @@ import subprocess
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -71,7 +71,7 @@ def with_provenance(content_schema: pa.Schema) -> pa.Schema:
     return pa.schema([pa.field("sample_id", pa.string()), *fields, pa.field("provenance", PROVENANCE_TYPE)])
 
 
-def _rejected_schema(schema: pa.Schema) -> pa.Schema:
+def rejected_schema(schema: pa.Schema) -> pa.Schema:
     return schema.append(pa.field("rejected_by", pa.string())).append(pa.field("reason", pa.string()))
 
 
@@ -243,7 +243,7 @@ class StageWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir()
         self._samples = _ShardWriter(self.tmp / "samples", self.schema)
-        self._rejected = _ShardWriter(self.tmp / "rejected", _rejected_schema(self.schema))
+        self._rejected = _ShardWriter(self.tmp / "rejected", rejected_schema(self.schema))
         self._manifest = pq.ParquetWriter(self.tmp / "manifest.parquet", manifest_schema(), compression="zstd")
         return self
 
@@ -331,39 +331,6 @@ def swap_into_place(new: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-class Stage(Protocol):
-    """A stage over record batches. Stages with a global step (dedup, split) observe every batch first."""
-
-    name: str
-    needs_reduce: bool
-
-    def observe(self, rows: list[Row]) -> None: ...
-
-    def finalize(self) -> None: ...
-
-    def apply(self, rows: list[Row]) -> tuple[list[Row], list[Row]]: ...
-
-    def metrics(self) -> dict[str, Any]: ...
-
-
-@dataclass
-class StageBase:
-    """Defaults for stages that map batch by batch."""
-
-    name: str = ""
-    needs_reduce: bool = False
-    _metrics: dict[str, Any] = field(default_factory=dict)
-
-    def observe(self, rows: list[Row]) -> None:
-        pass
-
-    def finalize(self) -> None:
-        pass
-
-    def metrics(self) -> dict[str, Any]:
-        return self._metrics
-
-
 def reject(row: Row, by: str, reason: str) -> Row:
     return {**row, "rejected_by": by, "reason": reason}
 
@@ -375,35 +342,3 @@ def require_columns(source: StageInput, columns, where: str) -> None:
     if missing:
         have = ", ".join(n for n in source.schema.names if n != "provenance")
         raise BadInput(f"{where}: no column {', '.join(map(repr, missing))} in {source.path} (columns: {have})")
-
-
-def run_stage(
-    stage: Stage,
-    source: StageInput,
-    out: str | Path,
-    params: Any,
-    batch_rows: int = DEFAULT_BATCH_ROWS,
-    extra_inputs: dict[str, str] | None = None,
-) -> dict:
-    """Run a stage over an input stage directory and write its own; returns its stats.
-
-    extra_inputs: fingerprints of what else the stage reads (a classifier, the real images), by name.
-    """
-    from synthforge.progress import progress_bar
-
-    fingerprint = stage_fingerprint(stage.name, params, {source.stage: source.fingerprint, **(extra_inputs or {})})
-    total = source.count()
-    if stage.needs_reduce:
-        with progress_bar(f"{stage.name}: scan", total) as advance:
-            for rows in source.iter_rows(batch_rows):
-                stage.observe(rows)
-                advance(len(rows))
-        stage.finalize()
-    with StageWriter(out, stage.name, source.schema, fingerprint) as writer:
-        with progress_bar(stage.name, total) as advance:
-            for rows in source.iter_rows(batch_rows):
-                kept, rejected = stage.apply(rows)
-                writer.write(kept, rejected)
-                advance(len(rows))
-        writer.metrics = stage.metrics()
-    return writer.stats

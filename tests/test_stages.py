@@ -158,7 +158,8 @@ def test_split_leakage_check_fails_loudly(tmp_path):
     import contextlib
 
     from synthforge.errors import LeakageError
-    from synthforge.stagedir import StageInput, run_stage
+    from synthforge.engine import run_stage
+    from synthforge.stagedir import StageInput
     from synthforge.stages.ingest import run_ingest
     from synthforge.stages.split import SplitStage
 
@@ -176,7 +177,8 @@ def test_a_stage_that_crashes_leaves_the_previous_output_untouched(project, tmp_
 
     from conftest import tree_digest
 
-    from synthforge.stagedir import StageBase, StageInput, run_stage
+    from synthforge.engine import StageBase, run_stage
+    from synthforge.stagedir import StageInput
 
     out = tmp_path / "judged"
     shutil.copytree(project / "data" / "judged", out)
@@ -186,7 +188,7 @@ def test_a_stage_that_crashes_leaves_the_previous_output_untouched(project, tmp_
         def __init__(self):
             super().__init__(name="judge")
 
-        def apply(self, rows):
+        def apply(self, rows, decisions):
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):

@@ -9,23 +9,32 @@ rejected before any clustering, and every sample records which sets it was check
 
 from __future__ import annotations
 
+import functools
+import json
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from synthforge.engine import ORDINAL, Engine, Frame, StageBase, engine_args, run_stage
 from synthforge.errors import BadInput
 from synthforge.minhash import (
     MinHasher,
+    band_keys,
+    bucket_pairs,
+    cluster,
     estimated_jaccard,
     exact_hash,
     joined_text,
-    near_duplicate_representatives,
     normalize,
     optimal_bands,
+    verified_pairs,
 )
-from synthforge.stagedir import Row, StageBase, StageInput, reject, require_columns, run_stage
+from synthforge.stagedir import Row, StageInput, reject, require_columns
 
 
 def _encoder(section: dict[str, Any], where: str, params_file: str):
@@ -38,8 +47,10 @@ def _encoder(section: dict[str, Any], where: str, params_file: str):
 
 
 class DedupStage(StageBase):
+    needs_reduce = True
+
     def __init__(self, section: dict[str, Any], params_file: str = "params.yaml"):
-        super().__init__(name="dedup", needs_reduce=True)
+        super().__init__(name="dedup")
         self.fields = section["fields"]
         self.exact = section.get("exact", True)
         near = section.get("near")
@@ -61,14 +72,7 @@ class DedupStage(StageBase):
         self.decontaminator = None
         if decontaminate := section.get("decontaminate"):
             self.decontaminator, self.decontaminate_fields = _decontaminator(decontaminate, self.fields, params_file)
-        self._ids: list[str] = []
-        self._hashes: list[str] = []
-        self._sigs: list[np.ndarray] = []
-        self._has_words: list[np.ndarray] = []
-        self._has_text: list[bool] = []
-        self._embeddings: list[np.ndarray] = []
-        self._contamination: list = []
-        self._variant_of: dict[int, set[str]] = {}
+        self.uses_model = bool(self.semantic or (self.decontaminator and self.decontaminator.encoder))
 
     def extra_inputs(self) -> dict[str, str]:
         """What else decides the output: the protected sets' contents and the encoders' weights."""
@@ -81,61 +85,90 @@ class DedupStage(StageBase):
             inputs["semantic:encoder"] = self.semantic_encoder.identity
         return inputs
 
-    def observe(self, rows: list[Row]) -> None:
+    def summarize(self, rows: list[Row]) -> pa.Table:
+        """Per sample: its exact hash, MinHash signature, embedding, contamination match and the parents it is
+        a deliberate variant of: everything the clustering needs, computed batch by batch."""
         texts = [joined_text(r, self.fields) for r in rows]
-        for r in rows:
-            gen = r["provenance"]["generation"]
-            if gen["method"] in self.exempt_methods and gen["parent_ids"]:
-                self._variant_of[len(self._ids)] = set(gen["parent_ids"])
-            self._ids.append(r["sample_id"])
-        self._hashes.extend(exact_hash(t) for t in texts)
+        columns: dict[str, pa.Array] = {
+            "sample_id": pa.array([r["sample_id"] for r in rows], pa.string()),
+            "hash": pa.array([exact_hash(t) for t in texts], pa.string()),
+            "variant_of": pa.array(
+                [
+                    r["provenance"]["generation"]["parent_ids"]
+                    if r["provenance"]["generation"]["method"] in self.exempt_methods
+                    else []
+                    for r in rows
+                ],
+                pa.list_(pa.string()),
+            ),
+        }
         if self.near:
             sigs, has_words = self.hasher.signatures(texts)
-            self._sigs.append(sigs)
-            self._has_words.append(has_words)
+            columns["sig"] = pa.FixedSizeListArray.from_arrays(pa.array(sigs.reshape(-1), pa.uint32()), self.hasher.num_perm)
+            columns["has_words"] = pa.array(has_words)
         embeddings = None
         if self.semantic:
             embeddings = self.semantic_encoder.encode(texts, progress="dedup: embeddings")
-            self._embeddings.append(embeddings)
+            columns["embedding"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(embeddings.astype(np.float32).reshape(-1)), embeddings.shape[1]
+            )
             methods = [r["provenance"]["generation"]["method"] for r in rows]
-            self._has_text.extend(
-                bool(normalize(t)) and (not self.semantic_methods or m in self.semantic_methods)
-                for t, m in zip(texts, methods, strict=True)
+            columns["has_text"] = pa.array(
+                [
+                    bool(normalize(t)) and (not self.semantic_methods or m in self.semantic_methods)
+                    for t, m in zip(texts, methods, strict=True)
+                ]
             )
         if self.decontaminator:
             same_text = self.decontaminate_fields == self.fields
             checked = texts if same_text else [joined_text(r, self.decontaminate_fields) for r in rows]
             # The embeddings already made for semantic dedup serve when they are of the same text and model.
             reuse = embeddings if same_text and self.semantic and self.decontaminator.encoder is self.semantic_encoder else None
-            self._contamination.extend(self.decontaminator.find(checked, reuse))
+            matches = self.decontaminator.find(checked, reuse)
+            columns["contamination"] = pa.array([json.dumps(asdict(m)) if m else None for m in matches], pa.string())
+        else:
+            columns["contamination"] = pa.nulls(len(rows), pa.string())
+        return pa.table(columns)
 
-    def finalize(self) -> None:
-        n = len(self._ids)
+    def reduce(self, engine: Engine, summaries: Frame, total: int) -> pa.Table:
+        """Exact duplicates keyed by hash and LSH buckets keyed by band key are distributed reduces; the
+        connected components of the verified pairs, and semantic clustering, run over the whole set here."""
+        n = total
+        if n:  # the embeddings stay where they are until semantic clustering needs them
+            facts = engine.collect(engine.map(summaries, _without_embeddings)).sort_by(ORDINAL)
+        else:
+            facts = self.summarize([]).append_column(ORDINAL, pa.array([], pa.int64()))
         own = np.arange(n)
-        self.index = {sid: i for i, sid in enumerate(self._ids)}
+        ids = facts.column("sample_id").to_pylist()
+        hashes = facts.column("hash").to_pylist()
+        matches = [_match(m) for m in facts.column("contamination").to_pylist()] if self.decontaminator else [None] * n
         # A contaminated sample is rejected for that alone and takes no part in clustering.
-        clean = np.array([m is None for m in self._contamination], dtype=bool) if self.decontaminator else np.ones(n, bool)
-        first_with_hash: dict[str, int] = {}
+        clean = np.array([m is None for m in matches], dtype=bool)
         exact_rep = own.copy()
-        if self.exact:
-            for i in np.flatnonzero(clean).tolist():
-                exact_rep[i] = first_with_hash.setdefault(self._hashes[i], i)
+        if self.exact and n:
+            reps = engine.collect(engine.reduce_by_key(summaries, "hash", first_of_key))
+            exact_rep[reps.column(ORDINAL).to_numpy()] = reps.column("rep").to_numpy()
+        variant_of = {i: set(p) for i, p in enumerate(facts.column("variant_of").to_pylist()) if p}
+        exempt = functools.partial(_is_variant_pair, ids, variant_of) if variant_of else None
         near_rep = exact_rep.copy()
-        variant_pairs = self._is_variant_pair if self._variant_of else None
+        sigs = None
         # Each step clusters only the texts still unique after the previous ones; their duplicates follow them.
         if self.near and n:
-            self.sigs = np.concatenate(self._sigs)
-            eligible = np.concatenate(self._has_words) & (exact_rep == own) & clean
-            near_rep = near_duplicate_representatives(self.sigs, self.threshold, self.bands, self.rows, eligible, variant_pairs)
-            near_rep = near_rep[exact_rep]
+            sigs = _matrix(facts.column("sig"), n)
+            keyed = engine.map(summaries, functools.partial(_band_rows, bands=self.bands, rows=self.rows))
+            found = engine.collect(engine.reduce_by_key(keyed, "key", _bucket_pairs))
+            pairs = np.unique(np.stack([found.column("i").to_numpy(), found.column("j").to_numpy()], axis=1), axis=0)
+            eligible = facts.column("has_words").to_numpy(zero_copy_only=False) & (exact_rep == own) & clean
+            near_rep = cluster(n, verified_pairs(pairs, sigs, self.threshold, eligible, exempt))[exact_rep]
         rep = near_rep
+        embeddings = None
         if self.semantic and n:
             from synthforge.text.semantic import cosine_clusters
 
-            self.embeddings = np.concatenate(self._embeddings)
-            eligible = np.array(self._has_text) & (near_rep == own) & clean
-            rep = cosine_clusters(self.embeddings, self.semantic_threshold, eligible, variant_pairs)[0][near_rep]
-        self.near_rep, self.rep = near_rep, rep
+            vectors = engine.collect(engine.map(summaries, lambda t: t.select([ORDINAL, "embedding"]))).sort_by(ORDINAL)
+            embeddings = _matrix(vectors.column("embedding"), n)
+            eligible = facts.column("has_text").to_numpy(zero_copy_only=False) & (near_rep == own) & clean
+            rep = cosine_clusters(embeddings, self.semantic_threshold, eligible, exempt)[0][near_rep]
         self._metrics = {
             "clusters": len(np.unique(rep[clean])) if n else 0,
             "exact_duplicates": int((exact_rep != own).sum()),
@@ -146,7 +179,7 @@ class DedupStage(StageBase):
             self._metrics["semantic_duplicates"] = int(((rep != own) & (near_rep == own)).sum())
             self._metrics["semantic"] = {"threshold": self.semantic_threshold, "encoder": self.semantic_encoder.identity}
         if self.decontaminator:
-            self._metrics["contaminated"] = _contamination_counts(self._contamination)
+            self._metrics["contaminated"] = _contamination_counts(matches)
             d = self.decontaminator
             self._metrics["decontamination"] = {
                 "sets": {s.name: {"source": s.source, "items": len(s.ids), "digest": s.digest} for s in d.sets},
@@ -154,49 +187,57 @@ class DedupStage(StageBase):
                 "embedding_threshold": d.embedding_threshold,
                 "encoder": d.encoder.identity if d.encoder else None,
             }
+        method, similarity = [], []
+        for i in range(n):
+            r = int(rep[i])
+            if r == i:
+                method.append(None)
+                similarity.append(None)
+            elif hashes[i] == hashes[r]:
+                method.append("exact")
+                similarity.append(1.0)
+            elif near_rep[i] == r:
+                method.append("minhash")
+                similarity.append(float(estimated_jaccard(sigs, np.array([i]), np.array([r]))[0]))
+            else:
+                # Clipped to the schema's [0, 1]: float32 rounding can pass 1, and a member linked through a chain
+                # of neighbours may point away from the representative.
+                method.append("semantic")
+                similarity.append(float(np.clip(embeddings[i] @ embeddings[r], 0.0, 1.0)))
+        return pa.table(
+            {
+                "hash": pa.array(hashes, pa.string()),
+                "rep_id": pa.array([ids[int(r)] for r in rep], pa.string()),
+                "method": pa.array(method, pa.string()),
+                "similarity": pa.array(similarity, pa.float64()),
+                "contamination": facts.column("contamination"),
+            }
+        )
 
-    def _is_variant_pair(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        def derived(a: int, b: int) -> bool:
-            return self._ids[b] in self._variant_of.get(a, ()) or self._ids[a] in self._variant_of.get(b, ())
-
-        return np.fromiter((derived(a, b) for a, b in zip(i.tolist(), j.tolist(), strict=True)), dtype=bool, count=len(i))
-
-    def apply(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+    def apply(self, rows: list[Row], decisions: pa.Table) -> tuple[list[Row], list[Row]]:
         kept, rejected = [], []
-        for row in rows:
-            i = self.index[row["sample_id"]]
+        for row, d in zip(rows, decisions.to_pylist(), strict=True):
             if self.decontaminator:
-                match = self._contamination[i]
+                match = _match(d["contamination"])
                 row["provenance"]["contamination"] = self.decontaminator.record(match)
                 if match:
                     reason = f"copies item {match.eval_item_id} of protected set {match.eval_set!r} ({match.method} match"
                     reason += f", cosine {match.similarity:.3f}" if match.similarity is not None else ""
                     rejected.append(reject(row, "dedup.contaminated", f'{reason}): "{match.quote()}"'))
                     continue
-            r = int(self.rep[i])
-            rep_id = self._ids[r]
-            if r == i:
-                method, similarity = None, None
-            elif self._hashes[i] == self._hashes[r]:
-                method, similarity = "exact", 1.0
-            elif self.near_rep[i] == r:
-                method = "minhash"
-                similarity = float(estimated_jaccard(self.sigs, np.array([i]), np.array([r]))[0])
-            else:
-                # Clipped to the schema's [0, 1]: float32 rounding can pass 1, and a member linked through a chain of
-                # neighbours may point away from the representative.
-                method, similarity = "semantic", float(np.clip(self.embeddings[i] @ self.embeddings[r], 0.0, 1.0))
+            rep_id, method, similarity = d["rep_id"], d["method"], d["similarity"]
+            is_rep = rep_id == row["sample_id"]
             row["provenance"]["dedup"] = {
-                "exact_hash": self._hashes[i],
+                "exact_hash": d["hash"],
                 "cluster_id": f"c-{rep_id}",
                 "representative_id": rep_id,
-                "is_representative": r == i,
+                "is_representative": is_rep,
                 "method": method,
                 "similarity": similarity,
                 "distance": None,
                 "representative_is_real": None,
             }
-            if r == i:
+            if is_rep:
                 kept.append(row)
             elif method == "exact":
                 rejected.append(reject(row, "dedup.exact", f"exact duplicate of {rep_id} (same normalised text)"))
@@ -213,6 +254,58 @@ class DedupStage(StageBase):
                 )
                 rejected.append(reject(row, "dedup.semantic", reason))
         return kept, rejected
+
+
+def _without_embeddings(table: pa.Table) -> pa.Table:
+    return table.drop_columns(["embedding"]) if "embedding" in table.column_names else table
+
+
+def _matrix(column: pa.ChunkedArray, n: int) -> np.ndarray:
+    """A fixed-size-list column as an [n, width] array."""
+    return column.combine_chunks().flatten().to_numpy().reshape(n, -1)
+
+
+def _match(encoded: str | None):
+    from synthforge.text.decontam import Match
+
+    return Match(**json.loads(encoded)) if encoded else None
+
+
+def first_of_key(table: pa.Table) -> pa.Table:
+    """Per key (whole keys in `table`, column `hash`): every member's representative, the key's first member."""
+    table = table.sort_by(ORDINAL)
+    if "contamination" in table.column_names:
+        table = table.filter(pc.is_null(table.column("contamination")))
+    first: dict[str, int] = {}
+    ordinals = table.column(ORDINAL).to_pylist()
+    reps = [first.setdefault(h, o) for h, o in zip(table.column("hash").to_pylist(), ordinals, strict=True)]
+    return pa.table({ORDINAL: pa.array(ordinals, pa.int64()), "rep": pa.array(reps, pa.int64())})
+
+
+def _band_rows(table: pa.Table, bands: int, rows: int) -> pa.Table:
+    """One row per (sample, band): the LSH bucket key, to shuffle by."""
+    n = table.num_rows
+    keys = band_keys(_matrix(table.column("sig"), n), bands, rows)
+    return pa.table(
+        {
+            "key": pa.array(keys.reshape(-1), pa.uint64()),
+            "band": pa.array(np.tile(np.arange(bands, dtype=np.int64), n)),
+            ORDINAL: pa.array(np.repeat(table.column(ORDINAL).to_numpy(), bands)),
+        }
+    )
+
+
+def _bucket_pairs(table: pa.Table) -> pa.Table:
+    """Per bucket key (whole buckets in `table`): the candidate pairs of its members."""
+    pairs = bucket_pairs(table.column("band").to_numpy(), table.column("key").to_numpy(), table.column(ORDINAL).to_numpy())
+    return pa.table({"i": pa.array(pairs[:, 0], pa.int64()), "j": pa.array(pairs[:, 1], pa.int64())})
+
+
+def _is_variant_pair(ids: list[str], variant_of: dict[int, set[str]], i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    def derived(a: int, b: int) -> bool:
+        return ids[b] in variant_of.get(a, ()) or ids[a] in variant_of.get(b, ())
+
+    return np.fromiter((derived(a, b) for a, b in zip(i.tolist(), j.tolist(), strict=True)), dtype=bool, count=len(i))
 
 
 def _decontaminator(section: dict[str, Any], dedup_fields: list[str], params_file: str):
@@ -248,13 +341,16 @@ class ImageDedupStage(StageBase):
 
     A synthetic image within `max_distance` of a real training image is a memorised copy and is rejected; the
     rest are clustered (connected components of the within-distance graph, found by multi-index hashing) and
-    each cluster keeps its earliest member.
+    each cluster keeps its earliest member. The hashes are made batch by batch; the clustering (multi-index
+    hashing over the whole set) runs on the driver.
     """
+
+    needs_reduce = True
 
     def __init__(self, section: dict[str, Any], params_file: str = "params.yaml"):
         from synthforge.vision.imagehash_index import HASH_KINDS
 
-        super().__init__(name="dedup", needs_reduce=True)
+        super().__init__(name="dedup")
         self.kind = section.get("hash", "phash")
         if self.kind not in HASH_KINDS:
             raise BadInput(f"{params_file}: dedup.image.hash: unknown hash {self.kind!r} (known: {', '.join(HASH_KINDS)})")
@@ -266,82 +362,89 @@ class ImageDedupStage(StageBase):
                 f"({self.hash_size**2} bits for hash_size {self.hash_size})"
             )
         self.against_real = section.get("against_real")
-        self._ids: list[str] = []
-        self._hashes: list[np.ndarray] = []
 
-    def observe(self, rows: list[Row]) -> None:
+    def summarize(self, rows: list[Row]) -> pa.Table:
         from synthforge.vision.imagehash_index import hash_images
 
-        self._ids += [r["sample_id"] for r in rows]
-        self._hashes.append(hash_images((r["image"] for r in rows), self.kind, self.hash_size))
+        hashes = hash_images((r["image"] for r in rows), self.kind, self.hash_size)
+        return pa.table(
+            {
+                "sample_id": pa.array([r["sample_id"] for r in rows], pa.string()),
+                "hash": pa.FixedSizeListArray.from_arrays(pa.array(hashes.reshape(-1), pa.uint64()), hashes.shape[1]),
+            }
+        )
 
-    def finalize(self) -> None:
+    def reduce(self, engine: Engine, summaries: Frame, total: int) -> pa.Table:
         from synthforge.vision.imagehash_index import cluster_near_duplicates, hash_images, imagehash_version, words_per_hash
 
-        hashes = np.concatenate(self._hashes) if self._hashes else np.zeros((0, words_per_hash(self.hash_size)), np.uint64)
-        self.hashes = hashes
-        self.index = {sid: i for i, sid in enumerate(self._ids)}
-        n = len(hashes)
-        self.real_ids: list[str] = []
-        self.real_match = np.full(n, -1, dtype=np.int64)
-        self.real_distance = np.full(n, -1, dtype=np.int64)
+        n = total
+        facts = engine.collect(summaries).sort_by(ORDINAL) if n else None
+        ids = facts.column("sample_id").to_pylist() if n else []
+        hashes = _matrix(facts.column("hash"), n) if n else np.zeros((0, words_per_hash(self.hash_size)), np.uint64)
+        real_ids: list[str] = []
+        real_match = np.full(n, -1, dtype=np.int64)
+        real_distance = np.full(n, -1, dtype=np.int64)
         if self.against_real:
             from synthforge.vision.real import read_real
 
             real = read_real(Path(self.against_real), "train")
-            self.real_ids = real.column("real_id").to_pylist()
+            real_ids = real.column("real_id").to_pylist()
             real_hashes = hash_images(real.column("image").to_pylist(), self.kind, self.hash_size)
             against = cluster_near_duplicates(hashes, self.max_distance, reference=real_hashes)
-            self.real_match, self.real_distance = against.reference_match, against.reference_distance
+            real_match, real_distance = against.reference_match, against.reference_distance
         # Clusters among the synthetic images that are not memorised copies, so every cluster keeps one.
-        fresh = np.flatnonzero(self.real_match < 0)
+        fresh = np.flatnonzero(real_match < 0)
         result = cluster_near_duplicates(hashes[fresh], self.max_distance)
-        self.rep = np.arange(n)
-        self.distance = np.zeros(n, dtype=np.int64)
-        self.rep[fresh] = fresh[result.representative]
-        self.distance[fresh] = result.distance
+        rep = np.arange(n)
+        distance = np.zeros(n, dtype=np.int64)
+        rep[fresh] = fresh[result.representative]
+        distance[fresh] = result.distance
         self._metrics = {
             "hash": self.kind,
             "hash_size": self.hash_size,
             "max_distance": self.max_distance,
             "imagehash_version": imagehash_version(),  # imagehash 4.0 changed its encoding: keep the version
             "against_real": self.against_real,
-            "real_images": len(self.real_ids),
-            "memorised_copies": int((self.real_match >= 0).sum()),
-            "near_duplicates": int((self.rep != np.arange(n)).sum()),
-            "clusters": int(len(np.unique(self.rep[fresh]))),
+            "real_images": len(real_ids),
+            "memorised_copies": int((real_match >= 0).sum()),
+            "near_duplicates": int((rep != np.arange(n)).sum()),
+            "clusters": int(len(np.unique(rep[fresh]))),
         }
+        is_real = real_match >= 0
+        return pa.table(
+            {
+                "hash": pa.array(
+                    [f"{self.kind}{self.hash_size}:" + "".join(f"{int(w):016x}" for w in h) for h in hashes], pa.string()
+                ),
+                "rep_id": pa.array([real_ids[real_match[i]] if is_real[i] else ids[rep[i]] for i in range(n)], pa.string()),
+                "distance": pa.array(np.where(is_real, real_distance, distance), pa.int64()),
+                "is_real": pa.array(is_real),
+            }
+        )
 
-    def _hex(self, i: int) -> str:
-        return f"{self.kind}{self.hash_size}:" + "".join(f"{int(w):016x}" for w in self.hashes[i])
-
-    def apply(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+    def apply(self, rows: list[Row], decisions: pa.Table) -> tuple[list[Row], list[Row]]:
         kept, rejected = [], []
         bits = self.hash_size * self.hash_size
-        for row in rows:
-            i = self.index[row["sample_id"]]
-            if self.real_match[i] >= 0:
-                rep_id, d, is_real = self.real_ids[self.real_match[i]], int(self.real_distance[i]), True
-            else:
-                rep_id, d, is_real = self._ids[self.rep[i]], int(self.distance[i]), False
+        for row, d in zip(rows, decisions.to_pylist(), strict=True):
+            rep_id, dist, is_real = d["rep_id"], d["distance"], d["is_real"]
             is_rep = rep_id == row["sample_id"]
             row["provenance"]["dedup"] = {
-                "exact_hash": self._hex(i),
+                "exact_hash": d["hash"],
                 "cluster_id": f"c-{rep_id}",
                 "representative_id": rep_id,
                 "is_representative": is_rep,
                 "method": None if is_rep else (f"{self.kind}-vs-real" if is_real else self.kind),
-                "similarity": 1 - d / bits,
-                "distance": float(d),
+                "similarity": 1 - dist / bits,
+                "distance": float(dist),
                 "representative_is_real": is_real,
             }
             if is_rep:
                 kept.append(row)
             elif is_real:
-                reason = f"memorised copy of real training image {rep_id}: {self.kind} distance {d} <= {self.max_distance}"
+                reason = f"memorised copy of real training image {rep_id}: {self.kind} distance {dist} <= {self.max_distance}"
                 rejected.append(reject(row, "dedup.memorised", reason))
             else:
-                reason = f"near-duplicate of {rep_id}: {self.kind} distance {d} (cluster threshold {self.max_distance} bits)"
+                reason = f"near-duplicate of {rep_id}: {self.kind} distance {dist} (cluster threshold {self.max_distance} bits)"
                 rejected.append(reject(row, f"dedup.{self.kind}", reason))
         return kept, rejected
 
@@ -362,4 +465,4 @@ def run_dedup(params: dict[str, Any], src: str | Path, out: str | Path) -> dict:
         if stage.decontaminator:
             require_columns(source, stage.decontaminate_fields, f"{params_file}: dedup.decontaminate.fields")
         inputs = stage.extra_inputs()
-    return run_stage(stage, source, out, {"dedup": section}, extra_inputs=inputs)
+    return run_stage(stage, source, out, {"dedup": section}, extra_inputs=inputs, **engine_args(params))

@@ -8,15 +8,21 @@ Checks are named in `params.yaml: judge.checks` and resolved by name (third part
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from synthforge.engine import ORDINAL, StageBase, align, engine_args, run_stage
 from synthforge.errors import BadInput
 from synthforge.params import compile_patterns, parse_options
 from synthforge.plugins import resolve
-from synthforge.stagedir import Row, StageBase, StageInput, reject, require_columns, run_stage
+from synthforge.stagedir import Row, StageInput, reject, require_columns
 
 
 def result(
@@ -213,14 +219,15 @@ class VogOptions:
 class VogFilter:
     """Variance of gradients over the classifier's checkpoints (GenDataAgent 2.4), a per-class drop fraction.
 
-    A set-level check: every batch is scored in the observe pass (batched, vectorised), per-class normalisation
-    and thresholds are fixed in finalize, and `check` reads the decision. The score and the settings also go
-    into `provenance.vog`.
+    A set-level check: every batch is scored in the summarize pass (batched, vectorised), per-class normalisation
+    and thresholds are fixed in a reduce keyed by class, and `check` reads its sample's decision. The score and
+    the settings also go into `provenance.vog`.
     """
 
     name = "vog"
     Options = VogOptions
     needs_reduce = True
+    uses_model = True
 
     def __init__(self, options: VogOptions, where: str, params_file: str):
         from synthforge.vision import vog
@@ -240,41 +247,43 @@ class VogFilter:
             raise BadInput(f"{params_file}: {where}.checkpoints: VoG needs at least 2 checkpoints, got {self.checkpoint_names}")
         self.models = self.classifier.checkpoints(self.checkpoint_names)
         self.digest = classifier_digest(options.classifier)
-        self._ids: list[str] = []
-        self._labels: list[int] = []
-        self._scores: list = []
+        self._metrics: dict[str, Any] = {}
 
-    def observe(self, rows: list[Row]) -> None:
+    def summarize(self, rows: list[Row], passing: list[bool]) -> pa.Table:
+        """The VoG score of every passing row whose image decodes; null for the others."""
         import torch
 
         from synthforge.vision.vog import vog_scores
 
-        images, labels = [], []
-        for row in rows:
+        images, labels, scored = [], [], []
+        for i, row in enumerate(rows):
+            if not passing[i]:
+                continue
             try:
                 images.append(self.classifier.tensor([row["image"]])[0])
             except ValueError:
                 continue  # an unreadable image fails image_format; it gets no VoG score
             labels.append(int(row["label"]))
-            self._ids.append(row["sample_id"])
+            scored.append(i)
+        scores = np.full(len(rows), np.nan)
         if images:
-            self._scores.append(
-                vog_scores(self.models, torch.stack(images), torch.tensor(labels), self.o.target, self.o.batch_size)
-            )
-            self._labels += labels
+            scores[scored] = vog_scores(self.models, torch.stack(images), torch.tensor(labels), self.o.target, self.o.batch_size)
+        label_column = [int(r["label"]) if i in set(scored) else None for i, r in enumerate(rows)]
+        return pa.table(
+            {"label": pa.array(label_column, pa.int64()), "score": pa.array(scores, pa.float64(), mask=np.isnan(scores))}
+        )
 
-    def finalize(self) -> None:
-        import numpy as np
-
-        from synthforge.vision.vog import normalize_per_class, select_kept
-
-        scores = np.concatenate(self._scores) if self._scores else np.zeros(0)
-        labels = np.asarray(self._labels, dtype=np.int64)
-        normalized = normalize_per_class(scores, labels, self.o.normalization)
-        kept, thresholds = select_kept(normalized, labels, self.o.drop_fraction, self.o.direction)
-        self.decision = {
-            sid: (float(s), float(z), bool(k), thresholds.get(int(c)))
-            for sid, s, z, k, c in zip(self._ids, scores, normalized, kept, labels, strict=True)
+    def reduce(self, engine, summaries) -> pa.Table:
+        """Per class (a keyed reduce): z-normalised scores and the drop decision of every scored sample."""
+        scored = engine.map(summaries, lambda t: t.filter(pc.is_valid(t.column("score"))))
+        per_class = functools.partial(
+            vog_decisions, method=self.o.normalization, fraction=self.o.drop_fraction, direction=self.o.direction
+        )
+        decided = engine.collect(engine.reduce_by_key(scored, "label", per_class)).sort_by(ORDINAL)
+        scores = decided.column("score").to_numpy()
+        kept = decided.column("kept").to_numpy(zero_copy_only=False)
+        thresholds = {
+            int(c): t for c, t in zip(decided.column("label").to_pylist(), decided.column("threshold").to_pylist(), strict=True)
         }
         names = self.classifier.class_names
         self._metrics = {
@@ -285,6 +294,7 @@ class VogFilter:
             "class_threshold": {names[c]: t for c, t in sorted(thresholds.items())},
             "settings": self.settings(None),
         }
+        return decided
 
     def settings(self, threshold: float | None) -> dict:
         return {
@@ -299,12 +309,10 @@ class VogFilter:
     def metrics(self) -> dict:
         return self._metrics
 
-    def check(self, row: Row) -> dict:
-        import json
-
-        if row["sample_id"] not in self.decision:
+    def check(self, row: Row, decision: dict[str, Any] | None) -> dict:
+        if decision is None:
             return result(self.name, False, "not scored: the sample failed another check", parsed=False)
-        score, z, kept, threshold = self.decision[row["sample_id"]]
+        score, z, kept, threshold = decision["score"], decision["normalized"], decision["kept"], decision["threshold"]
         row["provenance"]["vog"] = {"score": score, "normalized": z, **self.settings(threshold), "classifier": self.digest}
         raw = json.dumps({"vog": score, "normalized": z, "class_threshold": threshold})
         if kept:
@@ -362,43 +370,79 @@ def check_rows(check, rows: list[Row]) -> list[dict | None]:
     return [check.check(row) for row in rows]
 
 
+def vog_decisions(table: pa.Table, method: str, fraction: float, direction: str) -> pa.Table:
+    """VoG's global step over whole classes: per-class normalisation and the per-class drop, ties by input order."""
+    from synthforge.vision.vog import normalize_per_class, select_kept
+
+    table = table.sort_by(ORDINAL)
+    scores = table.column("score").to_numpy()
+    labels = table.column("label").to_numpy()
+    normalized = normalize_per_class(scores, labels, method)
+    kept, thresholds = select_kept(normalized, labels, fraction, direction)
+    return (
+        table.select([ORDINAL, "label", "score"])
+        .append_column("normalized", pa.array(normalized))
+        .append_column("kept", pa.array(kept))
+        .append_column("threshold", pa.array([thresholds.get(int(c)) for c in labels], pa.float64()))
+    )
+
+
 class JudgeStage(StageBase):
     def __init__(self, checks: list):
+        super().__init__(name="judge")
         self.set_checks = [c for c in checks if getattr(c, "needs_reduce", False)]
-        super().__init__(name="judge", needs_reduce=bool(self.set_checks))
+        self.needs_reduce = bool(self.set_checks)
+        self.uses_model = any(getattr(c, "uses_model", False) for c in checks)
         self.checks = checks
         self._metrics = {"failed_by_check": {c.name: 0 for c in checks}}
 
-    def observe(self, rows: list[Row]) -> None:
+    def summarize(self, rows: list[Row]) -> pa.Table:
         # Set-level checks (VoG) see only samples every per-sample check passes: a blank image must not take
         # the place of a real outlier in a per-class drop quota.
         row_checks = [c for c in self.checks if c not in self.set_checks]
         verdicts = [check_rows(c, rows) for c in row_checks]
-        passing = [r for i, r in enumerate(rows) if all(v[i] is None or v[i]["verdict"] == "pass" for v in verdicts)]
-        for c in self.set_checks:
-            c.observe(passing)
+        passing = [all(v[i] is None or v[i]["verdict"] == "pass" for v in verdicts) for i in range(len(rows))]
+        summaries = [c.summarize(rows, passing) for c in self.set_checks]
+        return pa.table({f"set{k}": pa.StructArray.from_arrays(t.columns, t.column_names) for k, t in enumerate(summaries)})
 
-    def finalize(self) -> None:
-        for c in self.set_checks:
-            c.finalize()
+    def reduce(self, engine, summaries, total: int) -> pa.Table | None:
+        if summaries is None:
+            return None
+        columns = {}
+        for k, check in enumerate(self.set_checks):
+
+            def own(t: pa.Table, k: int = k) -> pa.Table:
+                flat = pa.Table.from_struct_array(t.column(f"set{k}").combine_chunks())
+                return flat.append_column(ORDINAL, t.column(ORDINAL))
+
+            decided = align(check.reduce(engine, engine.map(summaries, own)), total)
+            columns[f"set{k}"] = pa.StructArray.from_arrays(decided.columns, decided.column_names)
+        return pa.table(columns)
 
     def metrics(self) -> dict[str, Any]:
         return {**self._metrics, **{c.name: c.metrics() for c in self.checks if hasattr(c, "metrics")}}
 
-    def apply(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+    def apply(self, rows: list[Row], decisions: pa.Table | None) -> tuple[list[Row], list[Row]]:
+        per_check = [check_rows(c, rows) for c in self.checks if c not in self.set_checks]
+        for k, c in enumerate(self.set_checks):
+            decided = decisions.column(f"set{k}").to_pylist() if decisions is not None else [None] * len(rows)
+            per_check.append([c.check(row, d) for row, d in zip(rows, decided, strict=True)])
         kept, rejected = [], []
-        per_check = [check_rows(check, rows) for check in self.checks]
         for i, row in enumerate(rows):
             results = [verdicts[i] for verdicts in per_check if verdicts[i] is not None]
             failed = [r for r in results if r["verdict"] == "fail"]
             row["provenance"]["judge"] = {"verdict": "fail" if failed else "pass", "checks": results}
-            for r in failed:
-                self._metrics["failed_by_check"][r["name"]] += 1
             if failed:
                 rejected.append(reject(row, f"judge.{failed[0]['name']}", failed[0]["reason"]))
             else:
                 kept.append(row)
         return kept, rejected
+
+    def tally(self, kept: list[Row], rejected: list[Row]) -> None:
+        for row in rejected:
+            for r in row["provenance"]["judge"]["checks"]:
+                if r["verdict"] == "fail":
+                    self._metrics["failed_by_check"][r["name"]] += 1
 
 
 def run_judge(params: dict[str, Any], src: str | Path, out: str | Path, allow_self_judge: bool = False) -> dict:
@@ -434,4 +478,4 @@ def run_judge(params: dict[str, Any], src: str | Path, out: str | Path, allow_se
             logging.getLogger(__name__).warning(
                 "%s: the judge model %s also generated the samples it judges (--allow-self-judge)", c.where, c.llm.identity
             )
-    return run_stage(JudgeStage(checks), source, out, {"judge": params["judge"]}, extra_inputs=extra)
+    return run_stage(JudgeStage(checks), source, out, {"judge": params["judge"]}, extra_inputs=extra, **engine_args(params))

@@ -6,15 +6,19 @@ target share. A leakage check then fails loudly if a source or a (normalised) te
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
+from synthforge.engine import ORDINAL, Engine, Frame, StageBase, engine_args, run_stage
 from synthforge.errors import LeakageError
 from synthforge.minhash import exact_hash, joined_text
-from synthforge.stagedir import Row, StageBase, StageInput, run_stage
+from synthforge.stagedir import Row, StageInput
 
 
 def group_key(row: Row, group_by: str) -> str:
@@ -44,8 +48,8 @@ def text_key(row: Row, fields: list[str]) -> str:
     return exact_hash(joined_text(row, fields))
 
 
-def check_leakage(items: Iterable[tuple[str, str, str, str]]) -> None:
-    """items: (sample_id, split, group, text_hash). Raise LeakageError naming examples of any overlap."""
+def leakage_problems(items: Iterable[tuple[str, str, str, str]]) -> list[str]:
+    """items: (sample_id, split, group, text_hash), in input order. A description of every overlap."""
     seen_group: dict[str, tuple[str, str]] = {}
     seen_text: dict[str, tuple[str, str]] = {}
     problems = []
@@ -54,14 +58,76 @@ def check_leakage(items: Iterable[tuple[str, str, str, str]]) -> None:
             other = seen.setdefault(key, (split, sid))
             if other[0] != split:
                 problems.append(f"same {what} in {other[0]} ({other[1]}) and {split} ({sid})")
+    return problems
+
+
+def check_leakage(items: Iterable[tuple[str, str, str, str]]) -> None:
+    """Raise LeakageError naming examples of any overlap."""
+    raise_leakage(leakage_problems(items))
+
+
+def raise_leakage(problems: list[str]) -> None:
     if problems:
         more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
         raise LeakageError(f"split leakage: {'; '.join(problems[:5])}{more}")
 
 
+def _by_ordinal(table: pa.Table) -> pa.Table:
+    return table.sort_by(ORDINAL)
+
+
+def group_strata(table: pa.Table) -> pa.Table:
+    """Per group (whole groups in `table`): its size and its most common stratum (ties by name)."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for group, stratum in zip(table.column("group").to_pylist(), table.column("stratum").to_pylist(), strict=True):
+        counts[group][stratum] += 1
+    groups = sorted(counts)
+    return pa.table(
+        {
+            "group": groups,
+            "size": [sum(counts[g].values()) for g in groups],
+            "stratum": [min(counts[g], key=lambda s, c=counts[g]: (-c[s], s)) for g in groups],
+        }
+    )
+
+
+def assign_groups(table: pa.Table, ratios: dict[str, float], seed: int) -> pa.Table:
+    """Per stratum (whole strata in `table`): groups in seeded-hash order, each to the split furthest below its share."""
+    by_stratum: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for group, size, stratum in zip(*(table.column(c).to_pylist() for c in ("group", "size", "stratum")), strict=True):
+        by_stratum[stratum].append((group, size))
+    out_groups, out_splits = [], []
+    for stratum in sorted(by_stratum):
+        groups = sorted(by_stratum[stratum], key=lambda gs: hashlib.sha256(f"{seed}:{gs[0]}".encode()).hexdigest())
+        total = sum(size for _, size in groups)
+        assigned = dict.fromkeys(ratios, 0)
+        for group, size in groups:
+            split = max(ratios, key=lambda s: ratios[s] * total - assigned[s])
+            out_groups.append(group)
+            out_splits.append(split)
+            assigned[split] += size
+    return pa.table({"group": pa.array(out_groups, pa.string()), "split": pa.array(out_splits, pa.string())})
+
+
+def text_overlaps(table: pa.Table) -> pa.Table:
+    """Per text (whole texts in `table`): the samples whose text sits in another split, with the problem."""
+    table = _by_ordinal(table)
+    items = zip(*(table.column(c).to_pylist() for c in ("sample_id", "split", "group", "text")), strict=True)
+    seen: dict[str, tuple[str, str]] = {}
+    ordinals, problems = [], []
+    for ordinal, (sid, split, _, text) in zip(table.column(ORDINAL).to_pylist(), items, strict=True):
+        other = seen.setdefault(text, (split, sid))
+        if other[0] != split:
+            ordinals.append(ordinal)
+            problems.append(f"same text in {other[0]} ({other[1]}) and {split} ({sid})")
+    return pa.table({ORDINAL: pa.array(ordinals, pa.int64()), "problem": pa.array(problems, pa.string())})
+
+
 class SplitStage(StageBase):
+    needs_reduce = True
+
     def __init__(self, section: dict[str, Any], seed: int, fields: list[str]):
-        super().__init__(name="split", needs_reduce=True)
+        super().__init__(name="split")
         ratios = section["ratios"]
         total = sum(ratios.values())
         self.ratios = {k: v / total for k, v in ratios.items()}
@@ -69,7 +135,6 @@ class SplitStage(StageBase):
         self.stratify_by = section.get("stratify_by", "difficulty")
         self.leakage_fields = fields
         self.seed = seed
-        self._samples: list[tuple[str, str, str, str]] = []  # sample_id, group, stratum, text hash
 
     def _stratum(self, row: Row) -> str:
         if self.stratify_by == "difficulty":
@@ -78,47 +143,53 @@ class SplitStage(StageBase):
             return str(row.get("label"))
         return "all"
 
-    def observe(self, rows: list[Row]) -> None:
-        for row in rows:
-            self._samples.append(
-                (row["sample_id"], group_key(row, self.group_by), self._stratum(row), text_key(row, self.leakage_fields))
-            )
+    def summarize(self, rows: list[Row]) -> pa.Table:
+        return pa.table(
+            {
+                "sample_id": [r["sample_id"] for r in rows],
+                "group": [group_key(r, self.group_by) for r in rows],
+                "stratum": [self._stratum(r) for r in rows],
+                "text": [text_key(r, self.leakage_fields) for r in rows],
+            },
+            schema=pa.schema([(c, pa.string()) for c in ("sample_id", "group", "stratum", "text")]),
+        )
 
-    def finalize(self) -> None:
-        members: dict[str, list[int]] = defaultdict(list)
-        for i, (_, group, _, _) in enumerate(self._samples):
-            members[group].append(i)
-        by_stratum: dict[str, list[str]] = defaultdict(list)
-        for group, idx in members.items():
-            counts = Counter(self._samples[i][2] for i in idx)
-            stratum = min(counts, key=lambda s: (-counts[s], s))  # the group's most common stratum
-            by_stratum[stratum].append(group)
-        split_of_group: dict[str, str] = {}
-        for stratum in sorted(by_stratum):
-            groups = sorted(by_stratum[stratum], key=lambda g: hashlib.sha256(f"{self.seed}:{g}".encode()).hexdigest())
-            size = sum(len(members[g]) for g in groups)
-            assigned = dict.fromkeys(self.ratios, 0)
-            for g in groups:
-                split = max(self.ratios, key=lambda s: self.ratios[s] * size - assigned[s])
-                split_of_group[g] = split
-                assigned[split] += len(members[g])
-        self.split_of = {sid: split_of_group[group] for sid, group, _, _ in self._samples}
-        check_leakage((sid, self.split_of[sid], group, text) for sid, group, _, text in self._samples)
-        counts = Counter(self.split_of.values())
-        self._metrics = {
+    def reduce(self, engine: Engine, summaries: Frame, total: int) -> pa.Table | None:
+        if summaries is None:
+            self._metrics = self._summary_metrics({}, 0)
+            return pa.table({"split": pa.array([], pa.string())})
+        groups = engine.reduce_by_key(summaries, "group", group_strata)
+        assignment = engine.collect(
+            engine.reduce_by_key(groups, "stratum", functools.partial(assign_groups, ratios=self.ratios, seed=self.seed))
+        )
+        split_of = dict(zip(assignment.column("group").to_pylist(), assignment.column("split").to_pylist(), strict=True))
+
+        def with_split(t: pa.Table) -> pa.Table:
+            return t.append_column("split", pa.array([split_of[g] for g in t.column("group").to_pylist()], pa.string()))
+
+        assigned = engine.map(summaries, with_split)
+        overlaps = _by_ordinal(engine.collect(engine.reduce_by_key(assigned, "text", text_overlaps)))
+        raise_leakage(overlaps.column("problem").to_pylist())
+        decisions = _by_ordinal(engine.collect(engine.map(assigned, lambda t: t.select([ORDINAL, "split"]))))
+        self._metrics = self._summary_metrics(Counter(decisions.column("split").to_pylist()), assignment.num_rows)
+        return decisions
+
+    def _summary_metrics(self, counts: Counter, groups: int) -> dict[str, Any]:
+        return {
             "splits": {s: counts.get(s, 0) for s in self.ratios},
-            "groups": len(members),
+            "groups": groups,
             "group_by": self.group_by,
             "stratify_by": self.stratify_by,
             "leakage_check": "passed",
         }
 
-    def apply(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
-        for row in rows:
-            row["provenance"]["split"] = self.split_of[row["sample_id"]]
+    def apply(self, rows: list[Row], decisions: pa.Table) -> tuple[list[Row], list[Row]]:
+        for row, split in zip(rows, decisions.column("split").to_pylist(), strict=True):
+            row["provenance"]["split"] = split
         return rows, []
 
 
 def run_split(params: dict[str, Any], src: str | Path, out: str | Path) -> dict:
     stage = SplitStage(params["split"], int(params["seed"]), leakage_fields(params))
-    return run_stage(stage, StageInput.open(src), out, {"split": params["split"], "seed": params["seed"]})
+    fingerprint = {"split": params["split"], "seed": params["seed"]}
+    return run_stage(stage, StageInput.open(src), out, fingerprint, **engine_args(params))

@@ -12,13 +12,15 @@ Rules, first match wins:
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
+from synthforge.engine import StageBase, engine_args, run_stage
 from synthforge.errors import BadInput
 from synthforge.provenance import canonical_json
-from synthforge.stagedir import Row, StageBase, StageInput, run_stage
+from synthforge.stagedir import Row, StageInput
 
 DEFAULT_AMBIGUITY_MARKERS = ["maybe", "i think", "not sure", "either", "or so", "around", "approximately", "?"]
 
@@ -76,7 +78,7 @@ class TagStage(StageBase):
             return "medium", f"words={f['words']}>={self.medium_words}"
         return "easy", "no hardness feature"
 
-    def apply(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+    def apply(self, rows: list[Row], decisions=None) -> tuple[list[Row], list[Row]]:
         for row in rows:
             f = self.features(row)
             level, rule = self.classify(f)
@@ -85,8 +87,11 @@ class TagStage(StageBase):
             label = row.get("label")
             extra = [f"difficulty:{level}", f"method:{f['method']}"] + ([f"label:{label}"] if label else [])
             prov["tags"] = sorted(set(prov.get("tags") or []) | set(extra))
-            self._metrics["difficulty"][level] += 1
         return rows, []
+
+    def tally(self, kept: list[Row], rejected: list[Row]) -> None:
+        for row in kept:
+            self._metrics["difficulty"][row["provenance"]["difficulty"]] += 1
 
 
 class ImageTagStage(StageBase):
@@ -98,6 +103,8 @@ class ImageTagStage(StageBase):
       medium       marginal score >= medium_min_score
       hard         otherwise
     """
+
+    uses_model = True
 
     def __init__(self, section: dict[str, Any], params_file: str = "params.yaml"):
         from synthforge.vision.classifier import load_classifier
@@ -138,7 +145,7 @@ class ImageTagStage(StageBase):
             levels.append(self.classify(round(float(p[y]), 6), names[top], round(float(p[top]), 6), names[int(y)])[0])
         return levels
 
-    def apply(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+    def apply(self, rows: list[Row], decisions=None) -> tuple[list[Row], list[Row]]:
         probs = self.classifier.probabilities([r["image"] for r in rows])
         names = self.classifier.class_names
         for row, p in zip(rows, probs, strict=True):
@@ -159,10 +166,16 @@ class ImageTagStage(StageBase):
             prov["difficulty"], prov["difficulty_rule"], prov["difficulty_features"] = level, rule, canonical_json(f)
             extra = [f"difficulty:{level}", f"method:{prov['generation']['method']}", f"label:{label_name}"]
             prov["tags"] = sorted(set(prov.get("tags") or []) | set(extra))
-            self._metrics["difficulty"][level] += 1
-            self._metrics["recognised"] += top == row["label"]
-            self._metrics["tagged"] += 1
         return rows, []
+
+    def tally(self, kept: list[Row], rejected: list[Row]) -> None:
+        for row in kept:
+            prov = row["provenance"]
+            self._metrics["difficulty"][prov["difficulty"]] += 1
+            self._metrics["recognised"] += (
+                json.loads(prov["difficulty_features"])["predicted"] == self.classifier.class_names[row["label"]]
+            )
+            self._metrics["tagged"] += 1
 
 
 def run_tag(params: dict[str, Any], src: str | Path, out: str | Path) -> dict:
@@ -177,5 +190,6 @@ def run_tag(params: dict[str, Any], src: str | Path, out: str | Path) -> dict:
             out,
             {"tag": section},
             extra_inputs={"classifier": classifier_digest(section["classifier"])},
+            **engine_args(params),
         )
-    return run_stage(TagStage(section), StageInput.open(src), out, {"tag": section})
+    return run_stage(TagStage(section), StageInput.open(src), out, {"tag": section}, **engine_args(params))

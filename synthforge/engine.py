@@ -1,0 +1,434 @@
+"""Executors: where a stage's functions run.
+
+A stage is written once, as functions over record batches (see `Stage`):
+
+    summarize(rows) -> pa.Table        per batch: the facts its global step needs (hashes, scores, group keys)
+    reduce(engine, summaries, total) -> pa.Table | None
+                                       the global step, as keyed reduces the engine runs; one decision row per
+                                       input sample, in input order
+    apply(rows, decisions) -> (kept, rejected)
+                                       per batch, given the decisions of its rows
+    tally(kept, rejected)              on the driver, as output arrives: counts for stats.json
+
+`LocalEngine` runs them in this process, one batch at a time: memory holds one batch of rows plus the compact
+summaries and decisions. `RayEngine` runs the per-batch functions as Ray Data tasks (an actor pool, with GPUs per
+actor, for stages that hold a model) and each keyed reduce as a shuffle into partitions of whole keys. Both cut
+the input into the same batches and every reduce function sees whole keys, so both engines give the same output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from synthforge.errors import BadInput
+from synthforge.stagedir import DEFAULT_BATCH_ROWS, Row, StageInput, StageWriter, rejected_schema, stage_fingerprint
+
+if TYPE_CHECKING:
+    import ray.data
+
+ENGINES = ("local", "ray")
+ORDINAL = "ordinal"  # every summary row's place in the input: reduces sort by it, decisions are indexed by it
+_PARTITION = "__partition"
+
+log = logging.getLogger(__name__)
+
+
+class Stage(Protocol):
+    name: str
+    needs_reduce: bool
+    uses_model: bool  # holds a model: the Ray engine runs it in an actor pool, loading the model once per actor
+
+    def summarize(self, rows: list[Row]) -> pa.Table: ...
+
+    def reduce(self, engine: Engine, summaries: Frame, total: int) -> pa.Table | None: ...
+
+    def apply(self, rows: list[Row], decisions: pa.Table | None) -> tuple[list[Row], list[Row]]: ...
+
+    def tally(self, kept: list[Row], rejected: list[Row]) -> None: ...
+
+    def metrics(self) -> dict[str, Any]: ...
+
+
+class StageBase:
+    """Defaults for a stage that maps batch by batch, with no global step and no model."""
+
+    needs_reduce = False
+    uses_model = False
+
+    def __init__(self, name: str):
+        self.name = name
+        self._metrics: dict[str, Any] = {}
+
+    def summarize(self, rows: list[Row]) -> pa.Table:
+        raise NotImplementedError(f"{self.name} has no global step")
+
+    def reduce(self, engine: Engine, summaries: Frame, total: int) -> pa.Table | None:
+        return None
+
+    def tally(self, kept: list[Row], rejected: list[Row]) -> None:
+        pass
+
+    def metrics(self) -> dict[str, Any]:
+        return self._metrics
+
+
+Output = tuple[list[Row], list[Row]]  # (kept, rejected)
+Frame = Any  # a table of summaries: a pa.Table on the local engine, a ray.data.Dataset on Ray
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows [start, stop) of one input shard; `first` is the ordinal of its first row in the whole input."""
+
+    shard: str
+    start: int
+    stop: int
+    first: int
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        pf = pq.ParquetFile(self.shard)
+        # Only the row groups that hold the range are read.
+        groups, offset, begin = [], 0, None
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if offset < self.stop and offset + n > self.start:
+                groups.append(g)
+                begin = offset if begin is None else begin
+            offset += n
+        table = pf.read_row_groups(groups, columns=columns)
+        return table.slice(self.start - begin, self.stop - self.start)
+
+    def rows(self) -> list[Row]:
+        return self.read().to_pylist()
+
+
+def plan_batches(source: StageInput, batch_rows: int = DEFAULT_BATCH_ROWS, kind: str = "samples") -> list[Batch]:
+    """The input cut into batches of at most `batch_rows`, shard by shard: the same cut on every engine."""
+    batches, first = [], 0
+    for shard in source.shards(kind):
+        n = pq.ParquetFile(shard).metadata.num_rows
+        for start in range(0, n, batch_rows):
+            stop = min(n, start + batch_rows)
+            batches.append(Batch(str(shard), start, stop, first))
+            first += stop - start
+    return batches
+
+
+def with_ordinals(summary: pa.Table, batch: Batch) -> pa.Table:
+    if summary.num_rows != batch.stop - batch.start:
+        raise ValueError(f"summarize returned {summary.num_rows} rows for a batch of {batch.stop - batch.start}")
+    return summary.append_column(ORDINAL, pa.array(np.arange(batch.first, batch.first + summary.num_rows), pa.int64()))
+
+
+def align(decided: pa.Table, total: int) -> pa.Table:
+    """Decisions (with an ORDINAL column) laid out one row per input sample; null where none was made."""
+    index = np.full(total, -1, dtype=np.int64)
+    index[decided.column(ORDINAL).to_numpy()] = np.arange(decided.num_rows)
+    return decided.drop_columns([ORDINAL]).take(pa.array(index, mask=index < 0))
+
+
+def decisions_for(decisions: pa.Table | None, batch: Batch) -> pa.Table | None:
+    return None if decisions is None else decisions.slice(batch.first, batch.stop - batch.start)
+
+
+def output_table(kept: list[Row], rejected: list[Row], schema: pa.Schema) -> pa.Table:
+    """Kept and rejected rows as one Arrow table (kept first), so they travel between processes as Arrow."""
+    out = rejected_schema(schema).append(pa.field("__kept", pa.bool_()))
+    rows = [{**r, "__kept": True} for r in kept] + [{**r, "__kept": False} for r in rejected]
+    return pa.Table.from_pylist(rows, schema=out)
+
+
+def split_output(table: pa.Table) -> tuple[list[Row], list[Row]]:
+    kept_mask = table.column("__kept").to_pylist()
+    rows = table.drop_columns(["__kept"]).to_pylist()
+    kept = [{k: v for k, v in r.items() if k not in ("rejected_by", "reason")} for r, k in zip(rows, kept_mask, strict=True) if k]
+    return kept, [r for r, k in zip(rows, kept_mask, strict=True) if not k]
+
+
+def key_partitions(column: pa.ChunkedArray | pa.Array, partitions: int) -> np.ndarray:
+    """A stable partition number per value: every row of one key lands in the same partition, on any process."""
+    values = column.to_pylist()
+    return np.fromiter(
+        (zlib.crc32(v if isinstance(v, bytes) else str(v).encode("utf-8", "surrogatepass")) % partitions for v in values),
+        dtype=np.int64,
+        count=len(values),
+    )
+
+
+class Engine:
+    """What a stage's reduce step uses: keyed reduces and maps over frames of summaries."""
+
+    name: str
+
+    def summarize(self, stage: Stage, batches: list[Batch], desc: str) -> Frame:
+        raise NotImplementedError
+
+    def apply(self, stage: Stage, batches: list[Batch], decisions: pa.Table | None, schema: pa.Schema) -> Iterator[Output]:
+        """(kept, rejected) of every batch, in input order."""
+        raise NotImplementedError
+
+    def reduce_by_key(self, frame: Frame, key: str, fn: Callable[[pa.Table], pa.Table]) -> Frame:
+        """fn over partitions of the frame that each hold every row of their keys (in no particular order)."""
+        raise NotImplementedError
+
+    def map(self, frame: Frame, fn: Callable[[pa.Table], pa.Table]) -> Frame:
+        """fn over pieces of the frame, row by row independent."""
+        raise NotImplementedError
+
+    def collect(self, frame: Frame) -> pa.Table:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class LocalEngine(Engine):
+    """This process, one batch at a time."""
+
+    name = "local"
+
+    def summarize(self, stage: Stage, batches: list[Batch], desc: str) -> pa.Table:
+        from synthforge.progress import progress_bar
+
+        parts = []
+        with progress_bar(desc, sum(b.stop - b.start for b in batches)) as advance:
+            for batch in batches:
+                parts.append(with_ordinals(stage.summarize(batch.rows()), batch))
+                advance(batch.stop - batch.start)
+        return pa.concat_tables(parts) if parts else None
+
+    def apply(self, stage: Stage, batches: list[Batch], decisions: pa.Table | None, schema: pa.Schema) -> Iterator[Output]:
+        for batch in batches:
+            yield stage.apply(batch.rows(), decisions_for(decisions, batch))
+
+    def reduce_by_key(self, frame: pa.Table, key: str, fn: Callable[[pa.Table], pa.Table]) -> pa.Table:
+        return fn(frame)
+
+    def map(self, frame: pa.Table, fn: Callable[[pa.Table], pa.Table]) -> pa.Table:
+        return fn(frame)
+
+    def collect(self, frame: pa.Table) -> pa.Table:
+        return frame
+
+
+@dataclass
+class RayOptions:
+    address: str | None = None  # a running cluster; None starts a local instance on 127.0.0.1
+    num_cpus: int | None = None
+    actors: int = 1  # actors in the pool of a stage that holds a model
+    gpus_per_actor: float = 0.0
+    partitions: int | None = None  # of each keyed reduce; None: 2 per CPU
+
+
+class _Summarizer:
+    """A Ray Data actor (or task body) that summarises batches with its own copy of the stage."""
+
+    def __init__(self, stage_ref):
+        import ray
+
+        self.stage = ray.get(stage_ref) if isinstance(stage_ref, ray.ObjectRef) else stage_ref
+
+    def __call__(self, specs: pa.Table) -> pa.Table:
+        return pa.concat_tables([with_ordinals(self.stage.summarize(b.rows()), b) for b in _batches_of(specs)])
+
+
+class _Applier:
+    def __init__(self, stage_ref, decisions_ref, schema: pa.Schema):
+        import ray
+
+        self.stage = ray.get(stage_ref) if isinstance(stage_ref, ray.ObjectRef) else stage_ref
+        self.decisions = ray.get(decisions_ref) if decisions_ref is not None else None
+        self.schema = schema
+
+    def __call__(self, specs: pa.Table) -> pa.Table:
+        tables = []
+        for b in _batches_of(specs):
+            kept, rejected = self.stage.apply(b.rows(), decisions_for(self.decisions, b))
+            tables.append(output_table(kept, rejected, self.schema))
+        return pa.concat_tables(tables)
+
+
+def _batches_of(specs: pa.Table) -> list[Batch]:
+    return [Batch(**row) for row in specs.to_pylist()]
+
+
+class RayEngine(Engine):
+    """Ray Data: per-batch work as tasks or an actor pool, keyed reduces as a shuffle into partitions."""
+
+    name = "ray"
+
+    def __init__(self, options: RayOptions | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise BadInput("engine ray: Ray is not installed; install the extra: pip install 'synthforge[ray]'") from None
+        self.options = options or RayOptions()
+        self._started = False
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            if self.options.address:
+                ray.init(address=self.options.address, log_to_driver=False)
+            else:
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+                ray.init(
+                    num_cpus=self.options.num_cpus,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+            self._started = True
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.partitions = self.options.partitions or max(2, 2 * cpus)
+
+    def close(self) -> None:
+        import ray
+
+        if self._started and ray.is_initialized():
+            ray.shutdown()
+
+    def _specs(self, batches: list[Batch]) -> ray.data.Dataset:
+        import ray
+
+        return ray.data.from_items([b.__dict__ for b in batches], override_num_blocks=max(1, len(batches)))
+
+    def summarize(self, stage: Stage, batches: list[Batch], desc: str) -> ray.data.Dataset | None:
+        import ray
+
+        if not batches:
+            return None
+        log.info("%s on Ray: %d batches", desc, len(batches))
+        ref = ray.put(stage)
+        return (
+            self._specs(batches)
+            .map_batches(_Summarizer, fn_constructor_args=(ref,), batch_size=1, batch_format="pyarrow", **self._actor_pool(stage))
+            .materialize()
+        )
+
+    def _actor_pool(self, stage: Stage) -> dict[str, Any]:
+        """Callable classes always run in an actor pool; a stage without a model gets one actor per CPU."""
+        import ray
+
+        if getattr(stage, "uses_model", False):
+            return {
+                "compute": ray.data.ActorPoolStrategy(size=self.options.actors),
+                **({"num_gpus": self.options.gpus_per_actor} if self.options.gpus_per_actor else {}),
+            }
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        return {"compute": ray.data.ActorPoolStrategy(min_size=1, max_size=cpus)}
+
+    def apply(self, stage: Stage, batches: list[Batch], decisions: pa.Table | None, schema: pa.Schema) -> Iterator[Output]:
+        import ray
+
+        if not batches:
+            return
+        stage_ref = ray.put(stage)
+        decisions_ref = ray.put(decisions) if decisions is not None else None
+        ds = self._specs(batches).map_batches(
+            _Applier,
+            fn_constructor_args=(stage_ref, decisions_ref, schema),
+            batch_size=1,
+            batch_format="pyarrow",
+            **self._actor_pool(stage),
+        )
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield split_output(table)
+
+    def reduce_by_key(self, frame: ray.data.Dataset, key: str, fn: Callable[[pa.Table], pa.Table]) -> ray.data.Dataset:
+        partitions = self.partitions
+
+        def tag(t: pa.Table) -> pa.Table:
+            return t.append_column(_PARTITION, pa.array(key_partitions(t.column(key), partitions)))
+
+        def reduce(t: pa.Table) -> pa.Table:
+            return fn(t.drop_columns([_PARTITION]))
+
+        return (
+            frame.map_batches(tag, batch_format="pyarrow", batch_size=None)
+            .groupby(_PARTITION)
+            .map_groups(reduce, batch_format="pyarrow")
+            .materialize()
+        )
+
+    def map(self, frame: ray.data.Dataset, fn: Callable[[pa.Table], pa.Table]) -> ray.data.Dataset:
+        return frame.map_batches(fn, batch_format="pyarrow", batch_size=None).materialize()
+
+    def collect(self, frame: ray.data.Dataset) -> pa.Table:
+        return pa.concat_tables(list(frame.iter_batches(batch_size=None, batch_format="pyarrow")))
+
+
+def engine_options(params: dict[str, Any] | None, override: str | None = None) -> tuple[str, int, RayOptions]:
+    section = (params or {}).get("engine") or {}
+    name = override or section.get("name", "local")
+    if name not in ENGINES:
+        raise BadInput(f"--engine: unknown engine {name!r} (known: {', '.join(ENGINES)})")
+    return name, int(section.get("batch_rows", DEFAULT_BATCH_ROWS)), RayOptions(**(section.get("ray") or {}))
+
+
+_ENGINE: Engine | None = None
+
+
+def get_engine(params: dict[str, Any] | None = None, override: str | None = None) -> tuple[Engine, int]:
+    """The engine params (or --engine) ask for, and the batch size; a Ray engine is started once per process."""
+    global _ENGINE
+    name, batch_rows, ray_options = engine_options(params, override)
+    if name == "local":
+        return LocalEngine(), batch_rows
+    if not isinstance(_ENGINE, RayEngine):
+        _ENGINE = RayEngine(ray_options)
+    return _ENGINE, batch_rows
+
+
+def engine_args(params: dict[str, Any]) -> dict[str, Any]:
+    """run_stage's engine and batch_rows as params (`engine` section) ask for them."""
+    engine, batch_rows = get_engine(params)
+    return {"engine": engine, "batch_rows": batch_rows}
+
+
+def run_stage(
+    stage: Stage,
+    source: StageInput,
+    out: str | Path,
+    params: Any,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    extra_inputs: dict[str, str] | None = None,
+    engine: Engine | None = None,
+) -> dict:
+    """Run a stage over an input stage directory and write its own; returns its stats.
+
+    extra_inputs: fingerprints of what else the stage reads (a classifier, the real images), by name. The engine
+    is not part of the fingerprint: both give the same output.
+    """
+    from synthforge.progress import progress_bar
+
+    engine = engine or LocalEngine()
+    fingerprint = stage_fingerprint(stage.name, params, {source.stage: source.fingerprint, **(extra_inputs or {})})
+    batches = plan_batches(source, batch_rows)
+    total = sum(b.stop - b.start for b in batches)
+    decisions = None
+    if stage.needs_reduce:
+        summaries = engine.summarize(stage, batches, f"{stage.name}: scan")
+        decisions = stage.reduce(engine, summaries, total)
+        if decisions is not None and decisions.num_rows != total:
+            raise ValueError(f"{stage.name}: reduce gave {decisions.num_rows} decisions for {total} samples")
+    with StageWriter(out, stage.name, source.schema, fingerprint) as writer:
+        with progress_bar(stage.name, total) as advance:
+            for kept, rejected in engine.apply(stage, batches, decisions, writer.schema):
+                stage.tally(kept, rejected)
+                writer.write(kept, rejected)
+                advance(len(kept) + len(rejected))
+        writer.metrics = stage.metrics()
+    return writer.stats
