@@ -68,6 +68,18 @@ class StageBase:
     def __init__(self, name: str):
         self.name = name
         self._metrics: dict[str, Any] = {}
+        self._rebuild: tuple[Callable[..., Stage], tuple] | None = None
+
+    def rebuilt_by(self, factory: Callable[..., Stage], *args: Any) -> StageBase:
+        """Send this stage to other processes as `factory(*args)`, run in this working directory, rather than
+        pickled: a stage holding a model (or a client with a lock) is built afresh, once per Ray actor."""
+        self._rebuild = (factory, args)
+        return self
+
+    def __reduce_ex__(self, protocol):
+        if self._rebuild is None:
+            return super().__reduce_ex__(protocol)
+        return _build_in, (os.getcwd(), *self._rebuild)
 
     def summarize(self, rows: list[Row]) -> pa.Table:
         raise NotImplementedError(f"{self.name} has no global step")
@@ -80,6 +92,11 @@ class StageBase:
 
     def metrics(self) -> dict[str, Any]:
         return self._metrics
+
+
+def _build_in(cwd: str, factory: Callable[..., Stage], args: tuple) -> Stage:
+    os.chdir(cwd)  # a stage's paths (models, protected sets) are relative to the project, as on the driver
+    return factory(*args)
 
 
 Output = tuple[list[Row], list[Row]]  # (kept, rejected)
@@ -137,6 +154,11 @@ def align(decided: pa.Table, total: int) -> pa.Table:
     return decided.drop_columns([ORDINAL]).take(pa.array(index, mask=index < 0))
 
 
+def struct_column(table: pa.Table) -> pa.StructArray:
+    """A table as one struct column (to carry several checks' summaries or decisions side by side)."""
+    return pa.StructArray.from_arrays([c.combine_chunks() for c in table.columns], table.column_names)
+
+
 def decisions_for(decisions: pa.Table | None, batch: Batch) -> pa.Table | None:
     return None if decisions is None else decisions.slice(batch.first, batch.stop - batch.start)
 
@@ -185,7 +207,8 @@ class Engine:
         """fn over pieces of the frame, row by row independent."""
         raise NotImplementedError
 
-    def collect(self, frame: Frame) -> pa.Table:
+    def collect(self, frame: Frame, schema: pa.Schema | None = None) -> pa.Table:
+        """The frame as one table on the driver; `schema` is what an empty result looks like."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -217,7 +240,7 @@ class LocalEngine(Engine):
     def map(self, frame: pa.Table, fn: Callable[[pa.Table], pa.Table]) -> pa.Table:
         return fn(frame)
 
-    def collect(self, frame: pa.Table) -> pa.Table:
+    def collect(self, frame: pa.Table, schema: pa.Schema | None = None) -> pa.Table:
         return frame
 
 
@@ -268,11 +291,15 @@ class RayEngine(Engine):
     name = "ray"
 
     def __init__(self, options: RayOptions | None = None):
+        self.options = options or RayOptions()
+        if not self.options.address:
+            # A local instance serves this process only: keep it on loopback. Ray resolves 127.0.0.1 to the
+            # machine's routable address unless clusters are off, which this (read at import) turns off.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         try:
             import ray
         except ImportError:
             raise BadInput("engine ray: Ray is not installed; install the extra: pip install 'synthforge[ray]'") from None
-        self.options = options or RayOptions()
         self._started = False
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -366,8 +393,12 @@ class RayEngine(Engine):
     def map(self, frame: ray.data.Dataset, fn: Callable[[pa.Table], pa.Table]) -> ray.data.Dataset:
         return frame.map_batches(fn, batch_format="pyarrow", batch_size=None).materialize()
 
-    def collect(self, frame: ray.data.Dataset) -> pa.Table:
-        return pa.concat_tables(list(frame.iter_batches(batch_size=None, batch_format="pyarrow")))
+    def collect(self, frame: ray.data.Dataset, schema: pa.Schema | None = None) -> pa.Table:
+        tables = list(frame.iter_batches(batch_size=None, batch_format="pyarrow"))
+        if tables:
+            return pa.concat_tables(tables)
+        found = frame.schema()  # a reduce over no keys has no rows, and Ray may not know their schema
+        return (schema or (found.base_schema if found is not None else pa.schema([]))).empty_table()
 
 
 def engine_options(params: dict[str, Any] | None, override: str | None = None) -> tuple[str, int, RayOptions]:

@@ -146,7 +146,7 @@ class DedupStage(StageBase):
         clean = np.array([m is None for m in matches], dtype=bool)
         exact_rep = own.copy()
         if self.exact and n:
-            reps = engine.collect(engine.reduce_by_key(summaries, "hash", first_of_key))
+            reps = engine.collect(engine.reduce_by_key(summaries, "hash", first_of_key), REPRESENTATIVES)
             exact_rep[reps.column(ORDINAL).to_numpy()] = reps.column("rep").to_numpy()
         variant_of = {i: set(p) for i, p in enumerate(facts.column("variant_of").to_pylist()) if p}
         exempt = functools.partial(_is_variant_pair, ids, variant_of) if variant_of else None
@@ -156,7 +156,7 @@ class DedupStage(StageBase):
         if self.near and n:
             sigs = _matrix(facts.column("sig"), n)
             keyed = engine.map(summaries, functools.partial(_band_rows, bands=self.bands, rows=self.rows))
-            found = engine.collect(engine.reduce_by_key(keyed, "key", _bucket_pairs))
+            found = engine.collect(engine.reduce_by_key(keyed, "key", _bucket_pairs), PAIRS)
             pairs = np.unique(np.stack([found.column("i").to_numpy(), found.column("j").to_numpy()], axis=1), axis=0)
             eligible = facts.column("has_words").to_numpy(zero_copy_only=False) & (exact_rep == own) & clean
             near_rep = cluster(n, verified_pairs(pairs, sigs, self.threshold, eligible, exempt))[exact_rep]
@@ -256,6 +256,10 @@ class DedupStage(StageBase):
         return kept, rejected
 
 
+REPRESENTATIVES = pa.schema([(ORDINAL, pa.int64()), ("rep", pa.int64())])
+PAIRS = pa.schema([("i", pa.int64()), ("j", pa.int64())])
+
+
 def _without_embeddings(table: pa.Table) -> pa.Table:
     return table.drop_columns(["embedding"]) if "embedding" in table.column_names else table
 
@@ -279,7 +283,7 @@ def first_of_key(table: pa.Table) -> pa.Table:
     first: dict[str, int] = {}
     ordinals = table.column(ORDINAL).to_pylist()
     reps = [first.setdefault(h, o) for h, o in zip(table.column("hash").to_pylist(), ordinals, strict=True)]
-    return pa.table({ORDINAL: pa.array(ordinals, pa.int64()), "rep": pa.array(reps, pa.int64())})
+    return pa.table({ORDINAL: pa.array(ordinals, pa.int64()), "rep": pa.array(reps, pa.int64())}, schema=REPRESENTATIVES)
 
 
 def _band_rows(table: pa.Table, bands: int, rows: int) -> pa.Table:
@@ -298,7 +302,7 @@ def _band_rows(table: pa.Table, bands: int, rows: int) -> pa.Table:
 def _bucket_pairs(table: pa.Table) -> pa.Table:
     """Per bucket key (whole buckets in `table`): the candidate pairs of its members."""
     pairs = bucket_pairs(table.column("band").to_numpy(), table.column("key").to_numpy(), table.column(ORDINAL).to_numpy())
-    return pa.table({"i": pa.array(pairs[:, 0], pa.int64()), "j": pa.array(pairs[:, 1], pa.int64())})
+    return pa.table({"i": pa.array(pairs[:, 0], pa.int64()), "j": pa.array(pairs[:, 1], pa.int64())}, schema=PAIRS)
 
 
 def _is_variant_pair(ids: list[str], variant_of: dict[int, set[str]], i: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -456,12 +460,12 @@ def run_dedup(params: dict[str, Any], src: str | Path, out: str | Path) -> dict:
     if "image" in section:
         from synthforge.vision.real import real_info
 
-        stage = ImageDedupStage(section["image"], params_file)
+        stage = ImageDedupStage(section["image"], params_file).rebuilt_by(ImageDedupStage, section["image"], params_file)
         real = section["image"].get("against_real")
         inputs = {"real": real_info(Path(real))["digest"]} if real else {}
     else:
         require_columns(source, section["fields"], f"{params_file}: dedup.fields")
-        stage = DedupStage(section, params_file)
+        stage = DedupStage(section, params_file).rebuilt_by(DedupStage, section, params_file)
         if stage.decontaminator:
             require_columns(source, stage.decontaminate_fields, f"{params_file}: dedup.decontaminate.fields")
         inputs = stage.extra_inputs()

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from synthforge.engine import ORDINAL, StageBase, align, engine_args, run_stage
+from synthforge.engine import ORDINAL, StageBase, align, engine_args, run_stage, struct_column
 from synthforge.errors import BadInput
 from synthforge.params import compile_patterns, parse_options
 from synthforge.plugins import resolve
@@ -279,7 +279,7 @@ class VogFilter:
         per_class = functools.partial(
             vog_decisions, method=self.o.normalization, fraction=self.o.drop_fraction, direction=self.o.direction
         )
-        decided = engine.collect(engine.reduce_by_key(scored, "label", per_class)).sort_by(ORDINAL)
+        decided = engine.collect(engine.reduce_by_key(scored, "label", per_class), VOG_DECISION).sort_by(ORDINAL)
         scores = decided.column("score").to_numpy()
         kept = decided.column("kept").to_numpy(zero_copy_only=False)
         thresholds = {
@@ -370,6 +370,18 @@ def check_rows(check, rows: list[Row]) -> list[dict | None]:
     return [check.check(row) for row in rows]
 
 
+VOG_DECISION = pa.schema(
+    [
+        (ORDINAL, pa.int64()),
+        ("label", pa.int64()),
+        ("score", pa.float64()),
+        ("normalized", pa.float64()),
+        ("kept", pa.bool_()),
+        ("threshold", pa.float64()),
+    ]
+)
+
+
 def vog_decisions(table: pa.Table, method: str, fraction: float, direction: str) -> pa.Table:
     """VoG's global step over whole classes: per-class normalisation and the per-class drop, ties by input order."""
     from synthforge.vision.vog import normalize_per_class, select_kept
@@ -403,7 +415,7 @@ class JudgeStage(StageBase):
         verdicts = [check_rows(c, rows) for c in row_checks]
         passing = [all(v[i] is None or v[i]["verdict"] == "pass" for v in verdicts) for i in range(len(rows))]
         summaries = [c.summarize(rows, passing) for c in self.set_checks]
-        return pa.table({f"set{k}": pa.StructArray.from_arrays(t.columns, t.column_names) for k, t in enumerate(summaries)})
+        return pa.table({f"set{k}": struct_column(t) for k, t in enumerate(summaries)})
 
     def reduce(self, engine, summaries, total: int) -> pa.Table | None:
         if summaries is None:
@@ -416,17 +428,21 @@ class JudgeStage(StageBase):
                 return flat.append_column(ORDINAL, t.column(ORDINAL))
 
             decided = align(check.reduce(engine, engine.map(summaries, own)), total)
-            columns[f"set{k}"] = pa.StructArray.from_arrays(decided.columns, decided.column_names)
+            columns[f"set{k}"] = struct_column(decided)
         return pa.table(columns)
 
     def metrics(self) -> dict[str, Any]:
         return {**self._metrics, **{c.name: c.metrics() for c in self.checks if hasattr(c, "metrics")}}
 
     def apply(self, rows: list[Row], decisions: pa.Table | None) -> tuple[list[Row], list[Row]]:
-        per_check = [check_rows(c, rows) for c in self.checks if c not in self.set_checks]
-        for k, c in enumerate(self.set_checks):
-            decided = decisions.column(f"set{k}").to_pylist() if decisions is not None else [None] * len(rows)
-            per_check.append([c.check(row, d) for row, d in zip(rows, decided, strict=True)])
+        per_check = []
+        for c in self.checks:
+            if c in self.set_checks:
+                k = self.set_checks.index(c)
+                decided = decisions.column(f"set{k}").to_pylist() if decisions is not None else [None] * len(rows)
+                per_check.append([c.check(row, d) for row, d in zip(rows, decided, strict=True)])
+            else:
+                per_check.append(check_rows(c, rows))
         kept, rejected = [], []
         for i, row in enumerate(rows):
             results = [verdicts[i] for verdicts in per_check if verdicts[i] is not None]
@@ -439,10 +455,13 @@ class JudgeStage(StageBase):
         return kept, rejected
 
     def tally(self, kept: list[Row], rejected: list[Row]) -> None:
-        for row in rejected:
-            for r in row["provenance"]["judge"]["checks"]:
-                if r["verdict"] == "fail":
-                    self._metrics["failed_by_check"][r["name"]] += 1
+        results = [r for row in kept + rejected for r in row["provenance"]["judge"]["checks"]]
+        for r in results:
+            if r["verdict"] == "fail":
+                self._metrics["failed_by_check"][r["name"]] += 1
+        for c in self.checks:
+            if hasattr(c, "tally"):
+                c.tally([r for r in results if r["name"] == c.name])
 
 
 def run_judge(params: dict[str, Any], src: str | Path, out: str | Path, allow_self_judge: bool = False) -> dict:
@@ -478,4 +497,9 @@ def run_judge(params: dict[str, Any], src: str | Path, out: str | Path, allow_se
             logging.getLogger(__name__).warning(
                 "%s: the judge model %s also generated the samples it judges (--allow-self-judge)", c.where, c.llm.identity
             )
-    return run_stage(JudgeStage(checks), source, out, {"judge": params["judge"]}, extra_inputs=extra, **engine_args(params))
+    stage = JudgeStage(checks).rebuilt_by(_judge_stage, params)
+    return run_stage(stage, source, out, {"judge": params["judge"]}, extra_inputs=extra, **engine_args(params))
+
+
+def _judge_stage(params: dict[str, Any]) -> JudgeStage:
+    return JudgeStage(build_checks(params))

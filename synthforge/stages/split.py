@@ -72,6 +72,10 @@ def raise_leakage(problems: list[str]) -> None:
         raise LeakageError(f"split leakage: {'; '.join(problems[:5])}{more}")
 
 
+ASSIGNMENT = pa.schema([("group", pa.string()), ("split", pa.string())])
+OVERLAPS = pa.schema([(ORDINAL, pa.int64()), ("problem", pa.string())])
+
+
 def _by_ordinal(table: pa.Table) -> pa.Table:
     return table.sort_by(ORDINAL)
 
@@ -106,7 +110,7 @@ def assign_groups(table: pa.Table, ratios: dict[str, float], seed: int) -> pa.Ta
             out_groups.append(group)
             out_splits.append(split)
             assigned[split] += size
-    return pa.table({"group": pa.array(out_groups, pa.string()), "split": pa.array(out_splits, pa.string())})
+    return pa.table({"group": pa.array(out_groups, pa.string()), "split": pa.array(out_splits, pa.string())}, schema=ASSIGNMENT)
 
 
 def text_overlaps(table: pa.Table) -> pa.Table:
@@ -120,7 +124,7 @@ def text_overlaps(table: pa.Table) -> pa.Table:
         if other[0] != split:
             ordinals.append(ordinal)
             problems.append(f"same text in {other[0]} ({other[1]}) and {split} ({sid})")
-    return pa.table({ORDINAL: pa.array(ordinals, pa.int64()), "problem": pa.array(problems, pa.string())})
+    return pa.table({ORDINAL: pa.array(ordinals, pa.int64()), "problem": pa.array(problems, pa.string())}, schema=OVERLAPS)
 
 
 class SplitStage(StageBase):
@@ -159,16 +163,15 @@ class SplitStage(StageBase):
             self._metrics = self._summary_metrics({}, 0)
             return pa.table({"split": pa.array([], pa.string())})
         groups = engine.reduce_by_key(summaries, "group", group_strata)
-        assignment = engine.collect(
-            engine.reduce_by_key(groups, "stratum", functools.partial(assign_groups, ratios=self.ratios, seed=self.seed))
-        )
+        assign = functools.partial(assign_groups, ratios=self.ratios, seed=self.seed)
+        assignment = engine.collect(engine.reduce_by_key(groups, "stratum", assign), ASSIGNMENT)
         split_of = dict(zip(assignment.column("group").to_pylist(), assignment.column("split").to_pylist(), strict=True))
 
         def with_split(t: pa.Table) -> pa.Table:
             return t.append_column("split", pa.array([split_of[g] for g in t.column("group").to_pylist()], pa.string()))
 
         assigned = engine.map(summaries, with_split)
-        overlaps = _by_ordinal(engine.collect(engine.reduce_by_key(assigned, "text", text_overlaps)))
+        overlaps = _by_ordinal(engine.collect(engine.reduce_by_key(assigned, "text", text_overlaps), OVERLAPS))
         raise_leakage(overlaps.column("problem").to_pylist())
         decisions = _by_ordinal(engine.collect(engine.map(assigned, lambda t: t.select([ORDINAL, "split"]))))
         self._metrics = self._summary_metrics(Counter(decisions.column("split").to_pylist()), assignment.num_rows)

@@ -183,7 +183,8 @@ def run_tag(params: dict[str, Any], src: str | Path, out: str | Path) -> dict:
     if "classifier" in section:
         from synthforge.vision.classifier import classifier_digest
 
-        stage = ImageTagStage(section, params.get("__file__", "params.yaml"))
+        params_file = params.get("__file__", "params.yaml")
+        stage = ImageTagStage(section, params_file).rebuilt_by(ImageTagStage, section, params_file)
         return run_stage(
             stage,
             StageInput.open(src),

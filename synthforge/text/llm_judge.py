@@ -189,9 +189,7 @@ class LLMJudgeCheck:
         out = []
         for completion in self.llm.complete(requests, desc=self.name):
             v = parse_verdict(completion.text, self.rubric.low, self.rubric.high)
-            self._counts["judged"] += 1
             if v.error:
-                self._counts["unparsed"] += 1
                 ok = self.o.on_unparsed == "pass"
                 out.append(
                     result(
@@ -204,7 +202,6 @@ class LLMJudgeCheck:
                     )
                 )
                 continue
-            self._score_sum += v.score
             ok = v.score >= self.o.min_score
             reason = (
                 v.rationale
@@ -223,6 +220,15 @@ class LLMJudgeCheck:
                 )
             )
         return out
+
+    def tally(self, results: list[dict]) -> None:
+        """Count this check's verdicts (on the driver: the verdicts themselves may come from other processes)."""
+        for r in results:
+            self._counts["judged"] += 1
+            if r["parsed"]:
+                self._score_sum += r["score"]
+            else:
+                self._counts["unparsed"] += 1
 
     def metrics(self) -> dict[str, Any]:
         parsed = self._counts["judged"] - self._counts["unparsed"]
