@@ -29,10 +29,18 @@ RegistryOpt = Annotated[
 ]
 
 
-def _params(path: Path) -> dict:
+def _params(path: Path, engine: str | None = None) -> dict:
+    """params.yaml, validated; `--engine` replaces its `engine.name`."""
     from synthforge.params import load_params
 
-    return load_params(path)
+    params = load_params(path)
+    if engine is not None:
+        from synthforge.engine import ENGINES
+
+        if engine not in ENGINES:
+            raise BadInput(f"--engine: unknown engine {engine!r} (known: {', '.join(ENGINES)})")
+        params["engine"] = {**(params.get("engine") or {}), "name": engine}
+    return params
 
 
 def _report(stats: dict, out: Path) -> None:
@@ -42,6 +50,10 @@ def _report(stats: dict, out: Path) -> None:
     )
 
 
+EngineOpt = Annotated[
+    str | None,
+    typer.Option("--engine", help="Where the stage runs: local, or ray (extra synthforge[ray]); default: params engine.name."),
+]
 RealOpt = Annotated[Path, typer.Option("--real", help="Real data folder (written by `synthforge real`).")]
 ClassifierOpt = Annotated[Path, typer.Option("--classifier", help="Reference classifier folder.")]
 
@@ -162,11 +174,12 @@ def judge(
     allow_self_judge: Annotated[
         bool, typer.Option("--allow-self-judge", help="Let an LLM judge grade samples it generated itself (recorded).")
     ] = False,
+    engine: EngineOpt = None,
 ):
     """Run every judge check; failures go to rejected/ with the check and its reason."""
     from synthforge.stages.judge import run_judge
 
-    _report(run_judge(_params(params), src, out, allow_self_judge=allow_self_judge), out)
+    _report(run_judge(_params(params, engine), src, out, allow_self_judge=allow_self_judge), out)
 
 
 # The stages that read one stage directory and write the next: (command, runner, default in, default out, help)
@@ -200,10 +213,11 @@ def _add_stage_command(name: str, runner: str, default_in: str, default_out: str
         src: InOpt = Path("data") / default_in,
         out: Annotated[Path, typer.Option("--out", help="Output stage directory.")] = Path("data") / default_out,
         params: ParamsOpt = Path("params.yaml"),
+        engine: EngineOpt = None,
     ):
         module, func = runner.split(":")
         run = getattr(importlib.import_module(module), func)
-        _report(run(_params(params), src, out), out)
+        _report(run(_params(params, engine), src, out), out)
 
     command.__doc__ = doc
     app.command(name)(command)
