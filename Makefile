@@ -26,6 +26,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_semantic_dedup.py
 	$(BIN)/python benchmarks/bench_decontam.py
 	$(BIN)/python benchmarks/bench_trace.py
+	$(BIN)/python benchmarks/bench_engine.py
 	$(BIN)/python benchmarks/low_data_digits.py
 
 clean:

@@ -113,7 +113,7 @@ class Batch:
     first: int
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
-        pf = pq.ParquetFile(self.shard)
+        pf = open_shard(self.shard)
         # Only the row groups that hold the range are read.
         groups, offset, begin = [], 0, None
         for g in range(pf.metadata.num_row_groups):
@@ -122,18 +122,28 @@ class Batch:
                 groups.append(g)
                 begin = offset if begin is None else begin
             offset += n
-        table = pf.read_row_groups(groups, columns=columns)
+        try:
+            table = pf.read_row_groups(groups, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise BadInput(f"{self.shard}: unreadable Parquet (rows {self.start}-{self.stop}): {exc}") from None
         return table.slice(self.start - begin, self.stop - self.start)
 
     def rows(self) -> list[Row]:
         return self.read().to_pylist()
 
 
+def open_shard(shard: str | Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(shard)
+    except (pa.ArrowException, OSError) as exc:
+        raise BadInput(f"{shard}: not a readable Parquet file (truncated or damaged?): {exc}") from None
+
+
 def plan_batches(source: StageInput, batch_rows: int = DEFAULT_BATCH_ROWS, kind: str = "samples") -> list[Batch]:
     """The input cut into batches of at most `batch_rows`, shard by shard: the same cut on every engine."""
     batches, first = [], 0
     for shard in source.shards(kind):
-        n = pq.ParquetFile(shard).metadata.num_rows
+        n = open_shard(shard).metadata.num_rows
         for start in range(0, n, batch_rows):
             stop = min(n, start + batch_rows)
             batches.append(Batch(str(shard), start, stop, first))
