@@ -428,6 +428,7 @@ def test_llm_judge_in_process_scores_on_the_rubric_scale(tmp_path, judge_lm):
     for r in results:
         if not r["parsed"]:
             assert r["verdict"] == "fail" and r["reason"].startswith("unparsed judge answer: ") and r["score"] is None
+    check.tally(results)  # counts are tallied on the driver, from the verdicts (they may come from Ray workers)
     metrics = check.metrics()
     assert metrics["judged"] == len(TINY_QA) and metrics["unparsed"] == len(results) - len(parsed)
     assert metrics["rubric"]["id"] == "tiny-quality" and metrics["rubric"]["version"] == "1" and metrics["model"] == identity
