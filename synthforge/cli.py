@@ -35,10 +35,9 @@ def _params(path: Path, engine: str | None = None) -> dict:
 
     params = load_params(path)
     if engine is not None:
-        from synthforge.engine import ENGINES
+        from synthforge.engine import engine_options
 
-        if engine not in ENGINES:
-            raise BadInput(f"--engine: unknown engine {engine!r} (known: {', '.join(ENGINES)})")
+        engine_options(params, override=engine)  # an unknown name fails now, before a stage loads its models
         params["engine"] = {**(params.get("engine") or {}), "name": engine}
     return params
 

@@ -264,22 +264,24 @@ class RayOptions:
 
 
 class _Summarizer:
-    """A Ray Data actor (or task body) that summarises batches with its own copy of the stage."""
+    """A Ray Data actor that summarises batches with its own copy of the stage."""
 
     def __init__(self, stage_ref):
         import ray
 
-        self.stage = ray.get(stage_ref) if isinstance(stage_ref, ray.ObjectRef) else stage_ref
+        self.stage = ray.get(stage_ref)
 
     def __call__(self, specs: pa.Table) -> pa.Table:
         return pa.concat_tables([with_ordinals(self.stage.summarize(b.rows()), b) for b in _batches_of(specs)])
 
 
 class _Applier:
+    """A Ray Data actor that applies the stage to batches, given their slices of the decisions."""
+
     def __init__(self, stage_ref, decisions_ref, schema: pa.Schema):
         import ray
 
-        self.stage = ray.get(stage_ref) if isinstance(stage_ref, ray.ObjectRef) else stage_ref
+        self.stage = ray.get(stage_ref)
         self.decisions = ray.get(decisions_ref) if decisions_ref is not None else None
         self.schema = schema
 
@@ -296,7 +298,7 @@ def _batches_of(specs: pa.Table) -> list[Batch]:
 
 
 class RayEngine(Engine):
-    """Ray Data: per-batch work as tasks or an actor pool, keyed reduces as a shuffle into partitions."""
+    """Ray Data: per-batch work in actor pools, keyed reduces as a shuffle into partitions."""
 
     name = "ray"
 
@@ -328,8 +330,8 @@ class RayEngine(Engine):
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.partitions = self.options.partitions or max(2, 2 * cpus)
+        self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.partitions = self.options.partitions or 2 * self.cpus
 
     def close(self) -> None:
         import ray
@@ -364,8 +366,7 @@ class RayEngine(Engine):
                 "compute": ray.data.ActorPoolStrategy(size=self.options.actors),
                 **({"num_gpus": self.options.gpus_per_actor} if self.options.gpus_per_actor else {}),
             }
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        return {"compute": ray.data.ActorPoolStrategy(min_size=1, max_size=cpus)}
+        return {"compute": ray.data.ActorPoolStrategy(min_size=1, max_size=self.cpus)}
 
     def apply(self, stage: Stage, batches: list[Batch], decisions: pa.Table | None, schema: pa.Schema) -> Iterator[Output]:
         import ray

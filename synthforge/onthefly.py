@@ -49,7 +49,7 @@ from synthforge.errors import BadInput
 from synthforge.params import parse_options
 from synthforge.provenance import sha256_hex
 from synthforge.stagedir import Row, StageInput, StageWriter, atomic_dir, reject, require_columns, stage_fingerprint
-from synthforge.stages.seeds import MARGINAL_FIELDS
+from synthforge.stages.seeds import MARGINAL_FIELDS, validate_seed_count
 from synthforge.vision import vog
 
 if TYPE_CHECKING:
@@ -116,12 +116,7 @@ def _validate(o: AgentOptions, params_file: str) -> None:
         raise BadInput(f"{where}.mode: must be one of {', '.join(MODES)}, got {o.mode!r}")
     if o.budget not in BUDGETS:
         raise BadInput(f"{where}.budget: must be one of {', '.join(BUDGETS)}, got {o.budget!r}")
-    if o.k is not None and o.fraction is not None:
-        raise BadInput(f"{where}: give exactly one of k and fraction (k={o.k}, fraction={o.fraction})")
-    if o.fraction is not None and not 0 < o.fraction <= 1:
-        raise BadInput(f"{where}.fraction: must be in (0, 1], got {o.fraction}")
-    if o.k is not None and o.k < 1:
-        raise BadInput(f"{where}.k: must be at least 1, got {o.k}")
+    validate_seed_count(o.k, o.fraction, where)
     v = o.vog
     for key, allowed in (("target", vog.TARGETS), ("direction", vog.DIRECTIONS), ("normalization", vog.NORMALIZATIONS)):
         if getattr(v, key) not in allowed:

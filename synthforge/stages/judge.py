@@ -268,7 +268,9 @@ class VogFilter:
         scores = np.full(len(rows), np.nan)
         if images:
             scores[scored] = vog_scores(self.models, torch.stack(images), torch.tensor(labels), self.o.target, self.o.batch_size)
-        label_column = [int(r["label"]) if i in set(scored) else None for i, r in enumerate(rows)]
+        label_column: list[int | None] = [None] * len(rows)
+        for i, label in zip(scored, labels, strict=True):
+            label_column[i] = label
         return pa.table(
             {"label": pa.array(label_column, pa.int64()), "score": pa.array(scores, pa.float64(), mask=np.isnan(scores))}
         )

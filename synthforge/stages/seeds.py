@@ -71,16 +71,21 @@ class SeedsOptions:
     max_words: int = 10  # the paper's limit on each perturbation
 
 
+def validate_seed_count(k: int | None, fraction: float | None, where: str) -> None:
+    """How many real images each class seeds: at most one of k (per class) and fraction, each in range."""
+    if k is not None and fraction is not None:
+        raise BadInput(f"{where}: give exactly one of k and fraction (k={k}, fraction={fraction})")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise BadInput(f"{where}.fraction: must be in (0, 1], got {fraction}")
+    if k is not None and k < 1:
+        raise BadInput(f"{where}.k: must be at least 1, got {k}")
+
+
 def _validate(o: SeedsOptions, params_file: str) -> None:
     where = f"{params_file}: seeds"
     if o.k is None and o.fraction is None:
         o.fraction = 0.2
-    if o.k is not None and o.fraction is not None:
-        raise BadInput(f"{where}: give exactly one of k and fraction (k={o.k}, fraction={o.fraction})")
-    if o.fraction is not None and not 0 < o.fraction <= 1:
-        raise BadInput(f"{where}.fraction: must be in (0, 1], got {o.fraction}")
-    if o.k is not None and o.k < 1:
-        raise BadInput(f"{where}.k: must be at least 1, got {o.k}")
+    validate_seed_count(o.k, o.fraction, where)
     if o.images_per_seed < 1:
         raise BadInput(f"{where}.images_per_seed: must be at least 1, got {o.images_per_seed}")
     if o.budget not in ("uniform", "accuracy", "file"):

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +49,23 @@ def text_key(row: Row, fields: list[str]) -> str:
     return exact_hash(joined_text(row, fields))
 
 
+def overlaps(items: Iterable[tuple[str, str, str]], what: str) -> Iterator[tuple[int, str]]:
+    """items: (sample_id, split, key), in input order. (position, description) of every sample whose key
+    already sits in another split."""
+    seen: dict[str, tuple[str, str]] = {}
+    for i, (sid, split, key) in enumerate(items):
+        other = seen.setdefault(key, (split, sid))
+        if other[0] != split:
+            yield i, f"same {what} in {other[0]} ({other[1]}) and {split} ({sid})"
+
+
 def leakage_problems(items: Iterable[tuple[str, str, str, str]]) -> list[str]:
     """items: (sample_id, split, group, text_hash), in input order. A description of every overlap."""
-    seen_group: dict[str, tuple[str, str]] = {}
-    seen_text: dict[str, tuple[str, str]] = {}
-    problems = []
-    for sid, split, group, text in items:
-        for seen, key, what in ((seen_group, group, "source"), (seen_text, text, "text")):
-            other = seen.setdefault(key, (split, sid))
-            if other[0] != split:
-                problems.append(f"same {what} in {other[0]} ({other[1]}) and {split} ({sid})")
-    return problems
+    items = list(items)
+    by_group = overlaps(((sid, split, group) for sid, split, group, _ in items), "source")
+    by_text = overlaps(((sid, split, text) for sid, split, _, text in items), "text")
+    # Sample by sample, its source problem before its text problem (a stable sort keeps the order of the chain).
+    return [problem for _, problem in sorted(itertools.chain(by_group, by_text), key=lambda found: found[0])]
 
 
 def check_leakage(items: Iterable[tuple[str, str, str, str]]) -> None:
@@ -116,14 +123,10 @@ def assign_groups(table: pa.Table, ratios: dict[str, float], seed: int) -> pa.Ta
 def text_overlaps(table: pa.Table) -> pa.Table:
     """Per text (whole texts in `table`): the samples whose text sits in another split, with the problem."""
     table = _by_ordinal(table)
-    items = zip(*(table.column(c).to_pylist() for c in ("sample_id", "split", "group", "text")), strict=True)
-    seen: dict[str, tuple[str, str]] = {}
-    ordinals, problems = [], []
-    for ordinal, (sid, split, _, text) in zip(table.column(ORDINAL).to_pylist(), items, strict=True):
-        other = seen.setdefault(text, (split, sid))
-        if other[0] != split:
-            ordinals.append(ordinal)
-            problems.append(f"same text in {other[0]} ({other[1]}) and {split} ({sid})")
+    items = zip(*(table.column(c).to_pylist() for c in ("sample_id", "split", "text")), strict=True)
+    found = list(overlaps(items, "text"))
+    ordinals = table.column(ORDINAL).to_numpy()[[i for i, _ in found]] if found else []
+    problems = [problem for _, problem in found]
     return pa.table({ORDINAL: pa.array(ordinals, pa.int64()), "problem": pa.array(problems, pa.string())}, schema=OVERLAPS)
 
 
