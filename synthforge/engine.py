@@ -18,8 +18,11 @@ the input into the same batches and every reduce function sees whole keys, so bo
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,10 +31,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from synthforge.errors import BadInput
-from synthforge.stagedir import DEFAULT_BATCH_ROWS, Row, StageInput, StageWriter, rejected_schema, stage_fingerprint
+from synthforge import errors
+from synthforge.errors import BadInput, SynthforgeError
+from synthforge.stagedir import (
+    DEFAULT_BATCH_ROWS,
+    Batch,
+    Row,
+    StageInput,
+    StageWriter,
+    plan_batches,
+    rejected_schema,
+    stage_fingerprint,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -101,54 +113,6 @@ def _build_in(cwd: str, factory: Callable[..., Stage], args: tuple) -> Stage:
 
 Output = tuple[list[Row], list[Row]]  # (kept, rejected)
 Frame = Any  # a table of summaries: a pa.Table on the local engine, a ray.data.Dataset on Ray
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Rows [start, stop) of one input shard; `first` is the ordinal of its first row in the whole input."""
-
-    shard: str
-    start: int
-    stop: int
-    first: int
-
-    def read(self, columns: list[str] | None = None) -> pa.Table:
-        pf = open_shard(self.shard)
-        # Only the row groups that hold the range are read.
-        groups, offset, begin = [], 0, None
-        for g in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            if offset < self.stop and offset + n > self.start:
-                groups.append(g)
-                begin = offset if begin is None else begin
-            offset += n
-        try:
-            table = pf.read_row_groups(groups, columns=columns)
-        except (pa.ArrowException, OSError) as exc:
-            raise BadInput(f"{self.shard}: unreadable Parquet (rows {self.start}-{self.stop}): {exc}") from None
-        return table.slice(self.start - begin, self.stop - self.start)
-
-    def rows(self) -> list[Row]:
-        return self.read().to_pylist()
-
-
-def open_shard(shard: str | Path) -> pq.ParquetFile:
-    try:
-        return pq.ParquetFile(shard)
-    except (pa.ArrowException, OSError) as exc:
-        raise BadInput(f"{shard}: not a readable Parquet file (truncated or damaged?): {exc}") from None
-
-
-def plan_batches(source: StageInput, batch_rows: int = DEFAULT_BATCH_ROWS, kind: str = "samples") -> list[Batch]:
-    """The input cut into batches of at most `batch_rows`, shard by shard: the same cut on every engine."""
-    batches, first = [], 0
-    for shard in source.shards(kind):
-        n = open_shard(shard).metadata.num_rows
-        for start in range(0, n, batch_rows):
-            stop = min(n, start + batch_rows)
-            batches.append(Batch(str(shard), start, stop, first))
-            first += stop - start
-    return batches
 
 
 def with_ordinals(summary: pa.Table, batch: Batch) -> pa.Table:
@@ -263,6 +227,42 @@ class RayOptions:
     partitions: int | None = None  # of each keyed reduce; None: 2 per CPU
 
 
+# Ray Data re-raises a worker's exception as a RayTaskError that keeps only its traceback text, so a worker's
+# SynthforgeError (a damaged shard: exit code 2, one line naming the place) travels as one marked, JSON-encoded line
+# of that text and is raised again on the driver.
+_CARRIED = "synthforge-error: "
+
+
+def _carrying_errors(fn: Callable) -> Callable:
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SynthforgeError as exc:
+            raise RuntimeError(_CARRIED + json.dumps([type(exc).__name__, str(exc)])) from None
+
+    return run
+
+
+@contextlib.contextmanager
+def _surfacing_errors() -> Iterator[None]:
+    """Raise a worker's SynthforgeError again, as itself, in the driver."""
+    try:
+        yield
+    except Exception as exc:
+        import ray.exceptions
+
+        if not isinstance(exc, ray.exceptions.RayError):
+            raise
+        found = re.search(f"{_CARRIED}(.*)$", str(exc), re.M)
+        if found is None:
+            raise
+        kind, message = json.loads(found.group(1))
+        raise getattr(errors, kind, SynthforgeError)(message) from None
+
+
 class _Summarizer:
     """A Ray Data actor that summarises batches with its own copy of the stage."""
 
@@ -271,6 +271,7 @@ class _Summarizer:
 
         self.stage = ray.get(stage_ref)
 
+    @_carrying_errors
     def __call__(self, specs: pa.Table) -> pa.Table:
         return pa.concat_tables([with_ordinals(self.stage.summarize(b.rows()), b) for b in _batches_of(specs)])
 
@@ -285,6 +286,7 @@ class _Applier:
         self.decisions = ray.get(decisions_ref) if decisions_ref is not None else None
         self.schema = schema
 
+    @_carrying_errors
     def __call__(self, specs: pa.Table) -> pa.Table:
         tables = []
         for b in _batches_of(specs):
@@ -351,11 +353,14 @@ class RayEngine(Engine):
             return None
         log.info("%s on Ray: %d batches", desc, len(batches))
         ref = ray.put(stage)
-        return (
-            self._specs(batches)
-            .map_batches(_Summarizer, fn_constructor_args=(ref,), batch_size=1, batch_format="pyarrow", **self._actor_pool(stage))
-            .materialize()
-        )
+        with _surfacing_errors():
+            return (
+                self._specs(batches)
+                .map_batches(
+                    _Summarizer, fn_constructor_args=(ref,), batch_size=1, batch_format="pyarrow", **self._actor_pool(stage)
+                )
+                .materialize()
+            )
 
     def _actor_pool(self, stage: Stage) -> dict[str, Any]:
         """Callable classes always run in an actor pool; a stage without a model gets one actor per CPU."""
@@ -382,8 +387,9 @@ class RayEngine(Engine):
             batch_format="pyarrow",
             **self._actor_pool(stage),
         )
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            yield split_output(table)
+        with _surfacing_errors():
+            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                yield split_output(table)
 
     def reduce_by_key(self, frame: ray.data.Dataset, key: str, fn: Callable[[pa.Table], pa.Table]) -> ray.data.Dataset:
         partitions = self.partitions
@@ -391,18 +397,21 @@ class RayEngine(Engine):
         def tag(t: pa.Table) -> pa.Table:
             return t.append_column(_PARTITION, pa.array(key_partitions(t.column(key), partitions)))
 
+        @_carrying_errors
         def reduce(t: pa.Table) -> pa.Table:
             return fn(t.drop_columns([_PARTITION]))
 
-        return (
-            frame.map_batches(tag, batch_format="pyarrow", batch_size=None)
-            .groupby(_PARTITION)
-            .map_groups(reduce, batch_format="pyarrow")
-            .materialize()
-        )
+        with _surfacing_errors():
+            return (
+                frame.map_batches(tag, batch_format="pyarrow", batch_size=None)
+                .groupby(_PARTITION)
+                .map_groups(reduce, batch_format="pyarrow")
+                .materialize()
+            )
 
     def map(self, frame: ray.data.Dataset, fn: Callable[[pa.Table], pa.Table]) -> ray.data.Dataset:
-        return frame.map_batches(fn, batch_format="pyarrow", batch_size=None).materialize()
+        with _surfacing_errors():
+            return frame.map_batches(_carrying_errors(fn), batch_format="pyarrow", batch_size=None).materialize()
 
     def collect(self, frame: ray.data.Dataset, schema: pa.Schema | None = None) -> pa.Table:
         tables = list(frame.iter_batches(batch_size=None, batch_format="pyarrow"))

@@ -10,12 +10,19 @@ cannot reach a file, a card or a message.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from synthforge.errors import BadInput, SynthforgeError, VersionExists
-from synthforge.registry import SEMVER, ConcurrentPublish, VersionInfo, find_version, normalize_version, version_key
+from synthforge.registry import (
+    SEMVER,
+    ConcurrentPublish,
+    VersionInfo,
+    find_version,
+    normalize_version,
+    version_key,
+    version_meta,
+)
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 HUB_PREFIX = "hf://"
@@ -78,6 +85,8 @@ class HubDataset:
             raise self._error("listing refs", exc) from None
 
     def versions(self) -> list[VersionInfo]:
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+
         refs = self._refs()
         if refs is None:
             return []
@@ -85,7 +94,11 @@ class HubDataset:
         for tag in refs.tags:
             if not SEMVER.match(tag.name):
                 continue
-            meta = json.loads(self._download("synthforge.json", tag.target_commit).read_text())
+            try:
+                raw = self._download("synthforge.json", tag.target_commit).read_bytes()
+            except RemoteEntryNotFoundError:
+                raw = None
+            meta = version_meta(raw, f"{self.label} {tag.name}")
             infos.append(
                 VersionInfo(
                     self.repo_id,

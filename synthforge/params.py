@@ -35,25 +35,52 @@ def _params_validator():
 
 def load_params(path: str | Path) -> dict[str, Any]:
     """Read params.yaml and validate it against schemas/params.schema.json."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"{path}: params file not found")
     try:
-        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+        params = _parse(path.read_bytes(), path)
+    except RecursionError:  # the YAML parser and the schema check recurse once per level of nesting
+        raise BadInput(f"{path}: nested too deeply to be a params file") from None
+    params["__file__"] = str(path)
+    return params
+
+
+def _parse(data: bytes, path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        params = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise BadInput(f"{path}:{line}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         raise BadInput(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(params, dict):
         raise BadInput(f"{path}: expected a mapping of sections, got {type(params).__name__}")
+    _check_keys(params, [], path)
     errors = sorted(_params_validator().iter_errors(params), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
         raise BadInput(f"{path}: {key_path(err.absolute_path)}: {_describe(err)}")
-    params["__file__"] = str(path)
     return params
+
+
+def _check_keys(value: Any, parts: list, path: Path, inside: tuple[int, ...] = ()) -> None:
+    """YAML allows what JSON Schema cannot check: keys that are not strings (`1: 0.5`, `2024-01-01: x`, `null: x`)
+    and a value that holds itself through an alias (`a: &x [*x]`)."""
+    if id(value) in inside:
+        raise BadInput(f"{path}: {key_path(parts)}: refers to itself (a recursive YAML alias)")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise BadInput(f"{path}: {key_path(parts)}: key {key!r} is not a string (quote it)")
+            _check_keys(item, [*parts, key], path, (*inside, id(value)))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_keys(item, [*parts, i], path, (*inside, id(value)))
 
 
 def _describe(err) -> str:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -116,6 +118,11 @@ PROVENANCE_TYPE = pa.struct(
 )
 
 
+# A sample id as make_sample_id makes it (and as the schema's $defs/sample_id allows): never a path, never blank.
+# Match it with fullmatch: `$` would let a trailing newline through.
+SAMPLE_ID = re.compile(r"[0-9a-f]{16,64}")
+
+
 def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
@@ -208,3 +215,54 @@ def validate_record(record: dict[str, Any], where: str) -> None:
 
         err = errors[0]
         raise BadInput(f"{where}: provenance.{key_path(err.absolute_path)}: {err.message}")
+
+
+def read_manifest(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """A manifest: a stage directory's manifest.parquet or a version's provenance/manifest.parquet (all columns, or
+    `columns`, which always include sample_id). A damaged one is BadInput naming the file and what is wrong: not
+    readable as Parquet, a column missing, text that is not UTF-8, a sample id that is not one."""
+    import pyarrow.parquet as pq
+
+    from synthforge.sources import PARQUET_ERRORS, check_arrow
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: manifest not found")
+    try:
+        file = pq.ParquetFile(path)
+        names = file.schema_arrow.names
+        missing = [c for c in dict.fromkeys(["sample_id", *(columns or [])]) if c not in names]
+        if missing:
+            raise BadInput(f"{path}: not a manifest: no column {', '.join(map(repr, missing))} (columns: {', '.join(names)})")
+        table = file.read(columns=list(dict.fromkeys(["sample_id", *columns])) if columns else None)
+    except PARQUET_ERRORS as exc:
+        raise BadInput(f"{path}: not a readable Parquet file: {exc}") from None
+    check_arrow(table, lambda i: f"{path}: row {i}")
+    check_sample_ids(table, str(path))
+    return table
+
+
+def check_sample_ids(table: pa.Table, where: str, first_row: int = 0) -> None:
+    """Every `sample_id` is a sample id (never a path, never blank) and, where the table has provenance, the id its
+    provenance records: a row whose id was edited would otherwise pass for another sample. Rows are named as
+    `where: row N`, counting from first_row."""
+    import pyarrow.compute as pc
+
+    ids = table.column("sample_id")
+    if not pa.types.is_string(ids.type):
+        raise BadInput(f"{where}: column 'sample_id' holds {ids.type}, not text")
+    recorded = ids
+    if "provenance" in table.column_names:
+        kind = table.schema.field("provenance").type
+        if not pa.types.is_struct(kind) or kind.get_field_index("sample_id") < 0:
+            raise BadInput(f"{where}: column 'provenance' holds {kind}, not provenance records")
+        recorded = pc.struct_field(table.column("provenance"), "sample_id")
+    valid = pc.fill_null(pc.match_substring_regex(ids, f"^{SAMPLE_ID.pattern}$"), False)  # RE2: $ is the very end
+    ok = pc.and_(valid, pc.fill_null(pc.equal(ids, recorded), False))
+    if pc.all(ok).as_py():
+        return
+    row = pc.index(ok, False).as_py()
+    sid = ids[row].as_py()
+    if not valid[row].as_py():
+        raise BadInput(f"{where}: row {first_row + row}: {sid!r} is not a sample id (16 to 64 hex digits)")
+    raise BadInput(f"{where}: row {first_row + row}: sample_id {sid} differs from provenance.sample_id {recorded[row].as_py()!r}")

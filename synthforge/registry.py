@@ -105,15 +105,18 @@ class Registry:
             "--git-dir",
             str(repo),
             "for-each-ref",
-            "--format=%(refname:short)\t%(taggerdate:iso-strict)\t%(*objectname)",
+            # The last field is never empty, so git()'s strip cannot eat the tabs of a lightweight tag (no tagger,
+            # no tagged object): synthforge makes annotated tags only, a lightweight one is someone else's.
+            "--format=%(refname:short)\t%(taggerdate:iso-strict)\t%(*objectname)\t%(objecttype)",
             "refs/tags",
         )
         infos = []
         for line in filter(None, out.splitlines()):
-            tag, date, commit = line.split("\t")
+            tag, date, commit, _ = line.split("\t")
             if not SEMVER.match(tag):
                 continue
-            meta = json.loads(git("--git-dir", str(repo), "show", f"{commit}:synthforge.json"))
+            raw = git("--git-dir", str(repo), "show", f"{commit}:synthforge.json", check=False) if commit else ""
+            meta = version_meta(raw or None, f"{name} {tag} in registry {self.root}")
             infos.append(VersionInfo(name, normalize_version(tag), commit, date, meta["counts"], meta["content_fingerprint"]))
         return sorted(infos, key=lambda v: version_key(v.version))
 
@@ -161,6 +164,24 @@ class Registry:
 
         project = project or Path.cwd()
         return publish(self.dataset(name), from_split_stage(split_dir, params or {}, project), version, project=project)
+
+
+def version_meta(raw: str | bytes | None, where: str) -> dict[str, Any]:
+    """A version's synthforge.json, as far as listing versions reads it. A semver tag that synthforge did not make
+    (no synthforge.json, or another file of that name) is named instead of failing halfway through a listing."""
+    try:
+        meta = json.loads(raw) if raw is not None else None
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        meta = None
+    counts = meta.get("counts") if isinstance(meta, dict) else None
+    if (
+        not isinstance(counts, dict)
+        or not all(isinstance(n, int) for n in counts.values())
+        or not isinstance(meta.get("content_fingerprint"), str)
+        or not isinstance(meta.get("published_at"), str)
+    ):
+        raise BadInput(f"{where}: not a version synthforge published (no readable synthforge.json with counts and fingerprint)")
+    return meta
 
 
 def find_version(infos: list[VersionInfo], name: str, version: str, where: str) -> VersionInfo:

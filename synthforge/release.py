@@ -31,6 +31,7 @@ from synthforge.stagedir import StageInput, code_revision, lineage
 SHARD_ROWS = 100_000
 MAX_CLASS_LABEL_ID = 100_000  # label ids beyond this are not class indices: the label stays a plain int
 SHARD_NAME = re.compile(r"^(?P<split>.+)-\d{5}-of-\d{5}\.parquet$")
+SPLIT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # the params schema's split.ratios names: never a path
 Row = dict[str, Any]
 
 
@@ -109,6 +110,11 @@ def from_split_stage(split_dir: str | Path, params: dict, project: Path) -> Rele
             split = row["provenance"]["split"]
             if not split:
                 raise BadInput(f"{source.path}: sample {row['sample_id']} has no split; run the split stage")
+            if not SPLIT_NAME.match(split):
+                raise BadInput(
+                    f"{source.path}: sample {row['sample_id']} has split {split!r}: a split is named by letters, digits and "
+                    "'_' (as in params split.ratios), since the name becomes the name of the version's data files"
+                )
             by_split.setdefault(split, []).append(row)
     if not by_split:
         raise BadInput(f"{source.path}: no samples to publish")

@@ -1,14 +1,26 @@
-"""Reading what generation starts from: JSONL source records and versioned prompt templates."""
+"""Reading what users give: JSONL records, rows of their Parquet files, versioned prompt templates.
+
+A file that cannot be read is an error naming the file and the line or row, never a traceback."""
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from synthforge.errors import BadInput
 from synthforge.provenance import sha256_hex
+
+# What pyarrow raises on a damaged Parquet file: ArrowInvalid and its kin, OSError (a truncated file, a thrift
+# footer that does not parse) and UnicodeDecodeError (a ValueError, from column names that are not UTF-8).
+PARQUET_ERRORS = (pa.ArrowException, OSError, ValueError)
+# JSON may spell a lone UTF-16 surrogate (\ud800) that no UTF-8 file, Arrow string or hash can hold.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
@@ -17,8 +29,12 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise BadInput(f"{path}: file not found")
     records = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:  # bytes, decoded line by line, so that bad UTF-8 is named by its line
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadInput(f"{path}:{lineno}: not UTF-8 text (byte {exc.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -27,8 +43,53 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
                 raise BadInput(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
             if not isinstance(record, dict):
                 raise BadInput(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            if _SURROGATE_ESCAPE.search(line):
+                _check_text(record, f"{path}:{lineno}")
             records.append((lineno, record))
     return records
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate), naming where it is; other odd characters (NUL,
+    direction marks, combining marks, emoji) are text like any other and stay as they are."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode()
+        raise BadInput(f"{where}: not valid Unicode text: a lone surrogate {bad} (a broken UTF-16 escape)") from None
+
+
+def arrow_rows(data: pa.Table | pa.RecordBatch, where: Callable[[int], str]) -> list[dict[str, Any]]:
+    """The rows of a table read from a user's file, as Python dicts (see check_arrow)."""
+    check_arrow(data, where)
+    return data.to_pylist()
+
+
+def check_arrow(data: pa.Table | pa.RecordBatch, where: Callable[[int], str]) -> None:
+    """Parquet readers do not check that string columns hold UTF-8: a column that does not is named here, with its
+    first bad row (`where(i)` names row i), instead of failing halfway through a conversion."""
+    for name, column in zip(data.schema.names, data.columns, strict=True):
+        offset = 0
+        for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+            try:
+                chunk.validate(full=True)
+            except pa.ArrowInvalid as exc:
+                what = "not UTF-8 text" if "UTF8" in str(exc) else f"damaged ({exc})"
+                raise BadInput(f"{where(offset + _first_invalid(chunk))}: column {name!r} is {what}") from None
+            offset += len(chunk)
+
+
+def _first_invalid(chunk) -> int:
+    """The first row of an array that fails validation: the shortest failing prefix, by bisection."""
+    good, bad = 0, len(chunk)  # chunk[:good] validates, chunk[:bad] does not
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        try:
+            chunk.slice(0, middle).validate(full=True)
+            good = middle
+        except pa.ArrowInvalid:
+            bad = middle
+    return bad - 1
 
 
 @dataclass(frozen=True)

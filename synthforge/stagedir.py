@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -29,7 +28,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from synthforge.errors import BadInput
-from synthforge.provenance import PROVENANCE_TYPE, canonical_json, now_iso, sha256_hex, validate_record
+from synthforge.provenance import (
+    PROVENANCE_TYPE,
+    canonical_json,
+    check_sample_ids,
+    now_iso,
+    sha256_hex,
+    validate_record,
+)
+from synthforge.resume import recover, temp_name
+from synthforge.sources import PARQUET_ERRORS, check_arrow
 
 SHARD_ROWS = 50_000
 DEFAULT_BATCH_ROWS = 4_096
@@ -131,12 +139,13 @@ class StageInput:
             if not (path / required).exists():
                 raise BadInput(f"{path}: not a stage directory: {required} is missing (was the stage interrupted?)")
         try:
-            info = json.loads((path / "stage.json").read_text())
-        except json.JSONDecodeError as exc:
+            info = json.loads((path / "stage.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadInput(f"{path / 'stage.json'}: not valid JSON: {exc}") from None
-        shards = sorted((path / "samples").glob("*.parquet"))
-        schema = pq.read_schema(shards[0]) if shards else with_provenance(pa.schema([]))
-        return cls(path=path, info=info, schema=schema)
+        if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in ("stage", "fingerprint")):
+            raise BadInput(f"{path / 'stage.json'}: not a stage fingerprint (it needs the strings 'stage' and 'fingerprint')")
+        _read_schema(path / "manifest.parquet")
+        return cls(path=path, info=info, schema=_samples_schema(path))
 
     @property
     def fingerprint(self) -> str:
@@ -150,13 +159,88 @@ class StageInput:
         return sorted((self.path / kind).glob("*.parquet"))
 
     def count(self, kind: str = "samples") -> int:
-        return sum(pq.ParquetFile(s).metadata.num_rows for s in self.shards(kind))
+        return sum(open_shard(s).metadata.num_rows for s in self.shards(kind))
 
     def iter_rows(self, batch_rows: int = DEFAULT_BATCH_ROWS, kind: str = "samples") -> Iterator[list[Row]]:
-        for shard in self.shards(kind):
-            pf = pq.ParquetFile(shard)
-            for batch in pf.iter_batches(batch_size=batch_rows):
-                yield batch.to_pylist()
+        for batch in plan_batches(self, batch_rows, kind):
+            yield batch.rows()
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows [start, stop) of one shard of a stage directory; `first` is the ordinal of its first row in the whole
+    directory. The one reader of stage rows: both engines and every `iter_rows` read through it."""
+
+    shard: str
+    start: int
+    stop: int
+    first: int
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        pf = open_shard(self.shard)
+        # Only the row groups that hold the range are read.
+        groups, offset, begin = [], 0, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if offset < self.stop and offset + n > self.start:
+                begin = begin if groups else offset
+                groups.append(g)
+            offset += n
+        try:
+            table = pf.read_row_groups(groups, columns=columns).slice(self.start - begin, self.stop - self.start)
+        except PARQUET_ERRORS as exc:  # the footer read when the directory opened; a data page did not
+            raise BadInput(f"{self.shard}: rows {self.start} to {self.stop - 1} are damaged (rerun its stage): {exc}") from None
+        # A damaged stage directory: text that is not UTF-8, a sample id that was edited.
+        check_arrow(table, lambda i: f"{self.shard}: row {self.start + i}")
+        if "sample_id" in table.column_names:
+            check_sample_ids(table, self.shard, self.start)
+        return table
+
+    def rows(self) -> list[Row]:
+        return self.read().to_pylist()
+
+
+def open_shard(shard: str | Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(shard)
+    except PARQUET_ERRORS as exc:
+        raise BadInput(f"{shard}: not a readable Parquet file (a damaged stage directory: rerun its stage): {exc}") from None
+
+
+def plan_batches(source: StageInput, batch_rows: int = DEFAULT_BATCH_ROWS, kind: str = "samples") -> list[Batch]:
+    """The directory cut into batches of at most `batch_rows`, shard by shard: the same cut on every engine."""
+    batches, first = [], 0
+    for shard in source.shards(kind):
+        n = open_shard(shard).metadata.num_rows
+        for start in range(0, n, batch_rows):
+            stop = min(n, start + batch_rows)
+            batches.append(Batch(str(shard), start, stop, first))
+            first += stop - start
+    return batches
+
+
+def _read_schema(file: Path) -> pa.Schema:
+    """A Parquet file's schema, from its footer; a damaged file (truncated, overwritten) is named."""
+    try:
+        return pq.read_schema(file)
+    except PARQUET_ERRORS as exc:
+        raise BadInput(f"{file}: not a readable Parquet file (a damaged stage directory: rerun its stage): {exc}") from None
+
+
+def _samples_schema(path: Path) -> pa.Schema:
+    """The one schema of a stage directory's sample shards, which must hold sample_id (text) and provenance."""
+    shards = sorted((path / "samples").glob("*.parquet"))
+    if not shards:
+        return with_provenance(pa.schema([]))
+    schema = _read_schema(shards[0])
+    for shard in shards[1:]:
+        if not _read_schema(shard).equals(schema):
+            raise BadInput(f"{shard}: columns differ from those of {shards[0].name} (a damaged stage directory: rerun its stage)")
+    for name, is_type in (("sample_id", pa.types.is_string), ("provenance", pa.types.is_struct)):
+        if name not in schema.names or not is_type(schema.field(name).type):
+            found = f"holds {schema.field(name).type}" if name in schema.names else "is missing"
+            raise BadInput(f"{shards[0]}: column {name!r} {found} (a damaged stage directory: rerun its stage)")
+    return schema
 
 
 def finished_stages(data_dir: str | Path) -> list[tuple[StageInput, int]]:
@@ -233,7 +317,7 @@ class StageWriter:
         self.stage = stage
         self.fingerprint = fingerprint
         self.schema = with_provenance(content_schema)
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp = temp_name(self.out)
         self.rejected_by: Counter[str] = Counter()
         self.entered = 0
         self.metrics: dict[str, Any] = {}
@@ -241,6 +325,7 @@ class StageWriter:
 
     def __enter__(self) -> StageWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        recover(self.out)
         self.tmp.mkdir()
         self._samples = _ShardWriter(self.tmp / "samples", self.schema)
         self._rejected = _ShardWriter(self.tmp / "rejected", rejected_schema(self.schema))
@@ -310,7 +395,8 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     (leaving `out` as it was) when the block fails."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    recover(out)
+    tmp = temp_name(out)
     tmp.mkdir()
     try:
         yield tmp
@@ -324,7 +410,7 @@ def swap_into_place(new: Path, out: Path) -> None:
     """Replace `out` by `new` with renames only; the old output survives until the new one is in place."""
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        old = temp_name(out, "old")
         os.replace(out, old)
     os.replace(new, out)
     if old is not None:
@@ -335,10 +421,14 @@ def reject(row: Row, by: str, reason: str) -> Row:
     return {**row, "rejected_by": by, "reason": reason}
 
 
-def require_columns(source: StageInput, columns, where: str) -> None:
+def require_columns(source: StageInput, columns, where: str, text: bool = False) -> None:
     """A configured field the input does not have is a typo, not an empty text: checks that read it would
-    silently pass everything."""
+    silently pass everything. With `text`, the columns must hold text: a column of numbers is damaged input."""
     missing = [c for c in columns if c not in source.schema.names]
     if missing:
         have = ", ".join(n for n in source.schema.names if n != "provenance")
         raise BadInput(f"{where}: no column {', '.join(map(repr, missing))} in {source.path} (columns: {have})")
+    for c in columns if text else ():
+        kind = source.schema.field(c).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise BadInput(f"{where}: column {c!r} in {source.path} holds {kind}, not text")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -191,3 +192,38 @@ def digits(tmp_path_factory):
     (root / "params.yaml").write_text(yaml.safe_dump(merge_params(params, FAST), sort_keys=False))
     stats = run_image_pipeline(root)
     return root, stats
+
+
+def use_rules_only(root: Path) -> None:
+    """The text-eval recipe without its models: templates and adversarial variants, rule checks, exact and MinHash
+    dedup. The whole pipeline runs in seconds."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["generate"]["methods"] = [m for m in params["generate"]["methods"] if m["name"] in ("template", "adversarial")]
+    rules = ("format", "required_fields", "length", "banned_patterns", "safety")
+    params["judge"]["checks"] = [c for c in params["judge"]["checks"] if c["name"] in rules]
+    for model_step in ("semantic", "decontaminate"):
+        params["dedup"].pop(model_step)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+
+
+@pytest.fixture(scope="session")
+def rules_project(tmp_path_factory) -> Path:
+    """A text-eval project on rules only, its pipeline run once. Tests work on copies (`workdir`)."""
+    from synthforge.project import init_project
+
+    root = init_project(tmp_path_factory.mktemp("faults") / "evalset", pipeline="text-eval")
+    use_rules_only(root)
+    run_pipeline(root)
+    return root
+
+
+def damage_page(path: Path, column: str) -> None:
+    """Overwrite the middle of one column's data in a Parquet file; its footer (the schema) stays readable."""
+    meta = pq.ParquetFile(path).metadata
+    index = next(j for j in range(meta.num_columns) if meta.row_group(0).column(j).path_in_schema == column)
+    chunk = meta.row_group(0).column(index)
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    middle = start + chunk.total_compressed_size // 2
+    data[middle : middle + 32] = bytes(range(32))
+    path.write_bytes(bytes(data))

@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -149,3 +150,27 @@ def test_the_engine_is_chosen_by_params_or_the_command_line(project, tmp_path):
     assert engine_options({"engine": {"name": "ray"}}, override="local")[0] == "local"
     with pytest.raises(BadInput, match="unknown engine 'spark'"):
         engine_options({}, override="spark")
+
+
+def test_a_damaged_shard_read_by_a_ray_worker_is_a_named_bad_input(tmp_path, ray_engine):
+    """A data page that does not decompress is found by the worker reading it; the driver raises the same BadInput
+    the local engine raises (exit code 2, the shard and rows named) and writes nothing."""
+    from conftest import damage_page
+
+    from synthforge.engine import LocalEngine
+    from synthforge.errors import BadInput
+    from synthforge.stages.ingest import run_ingest
+    from synthforge.stages.split import run_split
+
+    src = tmp_path / "items.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"question {i}: " + "why " * (i % 17)}) + "\n" for i in range(200)))
+    run_ingest(src, tmp_path / "ingested", ["prompt"])
+    shard = next((tmp_path / "ingested" / "samples").glob("*.parquet"))
+    damage_page(shard, "prompt")
+    params = {"seed": 1, "split": {"ratios": {"train": 0.5, "test": 0.5}, "group_by": "sample", "stratify_by": None}}
+    for engine in (LocalEngine(), ray_engine):
+        # The page holds every row, so each batch fails; on Ray, whichever worker fails first is reported.
+        named = rf"^{re.escape(str(shard))}: rows \d+ to \d+ are damaged \(rerun its stage\)"
+        with contextlib.chdir(tmp_path), pytest.raises(BadInput, match=named):
+            run_on(engine, run_split, params, tmp_path / "ingested", tmp_path / engine.name)
+        assert not (tmp_path / engine.name).exists()

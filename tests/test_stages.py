@@ -157,8 +157,8 @@ def test_split_leakage_check_fails_loudly(tmp_path):
     """Two sources holding the same text would put one text in two splits: refused, with the sample ids."""
     import contextlib
 
-    from synthforge.errors import LeakageError
     from synthforge.engine import run_stage
+    from synthforge.errors import LeakageError
     from synthforge.stagedir import StageInput
     from synthforge.stages.ingest import run_ingest
     from synthforge.stages.split import SplitStage

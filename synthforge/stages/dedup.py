@@ -369,8 +369,19 @@ class ImageDedupStage(StageBase):
 
     def summarize(self, rows: list[Row]) -> pa.Table:
         from synthforge.vision.imagehash_index import hash_images
+        from synthforge.vision.images import decode_image
 
-        hashes = hash_images((r["image"] for r in rows), self.kind, self.hash_size)
+        try:
+            hashes = hash_images((r["image"] for r in rows), self.kind, self.hash_size)
+        except ValueError:
+            for row in rows:  # only when an image does not decode: find the sample to name
+                try:
+                    decode_image(row["image"] or b"")
+                except ValueError as why:
+                    raise BadInput(
+                        f"dedup: sample {row['sample_id']}: {why} (the judge's image_format check rejects such images)"
+                    ) from None
+            raise
         return pa.table(
             {
                 "sample_id": pa.array([r["sample_id"] for r in rows], pa.string()),
@@ -464,9 +475,9 @@ def run_dedup(params: dict[str, Any], src: str | Path, out: str | Path) -> dict:
         real = section["image"].get("against_real")
         inputs = {"real": real_info(Path(real))["digest"]} if real else {}
     else:
-        require_columns(source, section["fields"], f"{params_file}: dedup.fields")
+        require_columns(source, section["fields"], f"{params_file}: dedup.fields", text=True)
         stage = DedupStage(section, params_file).rebuilt_by(DedupStage, section, params_file)
         if stage.decontaminator:
-            require_columns(source, stage.decontaminate_fields, f"{params_file}: dedup.decontaminate.fields")
+            require_columns(source, stage.decontaminate_fields, f"{params_file}: dedup.decontaminate.fields", text=True)
         inputs = stage.extra_inputs()
     return run_stage(stage, source, out, {"dedup": section}, extra_inputs=inputs, **engine_args(params))

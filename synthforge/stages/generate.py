@@ -10,6 +10,17 @@ the earlier ones produced (adversarial variants and paraphrases take earlier sam
 
 What an LLM wrote that does not parse, or that breaks the method's own rule (a paraphrase that loses a fact), is
 kept in `rejected/` with the reason and the raw output.
+
+A method (built in, or a third party's through the `synthforge.generators` entry point group) has a `name`, an
+`Options` dataclass, `__init__(options, where, params_file)`, the `model` and `model_revision` its samples record,
+and two steps:
+
+  plan(ctx, previous) -> Iterable[job]      what to make, in order: cheap, seeded decisions only
+  make(ctx, jobs) -> list[Planned]          the samples of one generation batch of jobs: the costly part
+
+`previous` reads back the kept samples of the methods before it. Generation streams: every batch goes to a
+journal on disk as it is made (synthforge.resume.Journal) and nothing holds every sample at once. A run killed
+midway and run again with the same settings makes only the batches the journal lacks.
 """
 
 from __future__ import annotations
@@ -19,9 +30,11 @@ import itertools
 import json
 import random
 import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
 
@@ -29,8 +42,12 @@ from synthforge.errors import BadInput
 from synthforge.params import parse_options
 from synthforge.plugins import resolve
 from synthforge.provenance import make_sample_id, new_record
+from synthforge.resume import Journal
 from synthforge.sources import PromptTemplate, SourceRecord, file_digest, load_prompts, load_sources
-from synthforge.stagedir import StageWriter, stage_fingerprint
+from synthforge.stagedir import DEFAULT_BATCH_ROWS, StageWriter, rejected_schema, stage_fingerprint, with_provenance
+
+if TYPE_CHECKING:
+    from jinja2 import Template
 
 CONTENT_SCHEMA = pa.schema(
     [
@@ -72,40 +89,70 @@ class GenerateContext:
     fingerprint: str
     batch_size: int
     params_file: str
-    _batches: itertools.count = field(default_factory=itertools.count)
 
-    def emit(self, method: str, planned: list[Planned], model: str, model_revision: str | None) -> list[Row]:
-        """Samples with provenance, cut into generation batches; each batch id is unique to this stage's work.
-
-        A planned sample with a rejection comes back with `rejected_by` and `reason` set."""
+    def emit(self, method: str, batch_id: str, planned: list[Planned], model: str, model_revision: str | None) -> list[Row]:
+        """One generation batch's samples with provenance. A planned sample with a rejection comes back with
+        `rejected_by` and `reason` set, the others with both None."""
         out = []
-        for start in range(0, len(planned), self.batch_size):
-            batch_id = f"{self.fingerprint[:8]}-{method}-{next(self._batches):04d}"
-            for p in planned[start : start + self.batch_size]:
-                sid = make_sample_id(p.origin, p.content)
-                prov = new_record(
-                    sample_id=sid,
-                    run_id=self.run_id,
-                    source=p.source,
-                    method=method,
-                    model=model,
-                    model_revision=model_revision,
-                    batch_id=batch_id,
-                    seed=self.seed,
-                    params=p.params,
-                    prompt_template_id=p.template.id,
-                    prompt_version=p.template.version,
-                    prompt_hash=p.template.hash,
-                    parent_ids=p.parent_ids,
-                    raw_output=p.raw_output,
-                    parsed=p.parsed,
-                )
-                prov["tags"] = list(p.tags)
-                row = {"sample_id": sid, **{"context": None, **p.content}, "provenance": prov}
-                if p.rejection:
-                    row["rejected_by"], row["reason"] = p.rejection
-                out.append(row)
+        for p in planned:
+            sid = make_sample_id(p.origin, p.content)
+            prov = new_record(
+                sample_id=sid,
+                run_id=self.run_id,
+                source=p.source,
+                method=method,
+                model=model,
+                model_revision=model_revision,
+                batch_id=batch_id,
+                seed=self.seed,
+                params=p.params,
+                prompt_template_id=p.template.id,
+                prompt_version=p.template.version,
+                prompt_hash=p.template.hash,
+                parent_ids=p.parent_ids,
+                raw_output=p.raw_output,
+                parsed=p.parsed,
+            )
+            prov["tags"] = list(p.tags)
+            rejected_by, reason = p.rejection or (None, None)
+            out.append(
+                {
+                    "sample_id": sid,
+                    **{"context": None, **p.content},
+                    "provenance": prov,
+                    "rejected_by": rejected_by,
+                    "reason": reason,
+                }
+            )
         return out
+
+
+class Samples:
+    """The kept (or the rejected) samples of finished generation batches, read back from the journal a batch at a time."""
+
+    def __init__(self, journal: Journal, batch_ids: list[str], rejected: bool = False):
+        self.journal = journal
+        self.batch_ids = batch_ids
+        self.rejected = rejected
+
+    def __iter__(self) -> Iterator[Row]:
+        for batch_id in self.batch_ids:
+            for row in self.journal.read(batch_id):
+                if (row["rejected_by"] is not None) == self.rejected:
+                    yield row
+
+    def __len__(self) -> int:
+        return sum(
+            (row["rejected_by"] is not None) == self.rejected
+            for batch_id in self.batch_ids
+            for row in self.journal.read(batch_id, ["rejected_by"])
+        )
+
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
 
 
 def jinja_env():
@@ -121,6 +168,13 @@ def jinja_env():
     return SandboxedEnvironment(undefined=VisiblyMissing, autoescape=False, keep_trailing_newline=False)
 
 
+class CompiledTemplate(NamedTuple):
+    instruction: Template
+    message: Template
+    fields: dict[str, Template]  # reference field -> its value
+    constraints: list[Template]
+
+
 @dataclass
 class TemplateOptions:
     templates: list[str] | None = None  # template ids; None = every template with a `message`
@@ -133,33 +187,38 @@ class TemplateExpansion:
 
     name = "template"
     Options = TemplateOptions
+    model = TEMPLATE_ENGINE
 
     def __init__(self, options: TemplateOptions, where: str, params_file: str):
-        self.options = options
-
-    def generate(self, ctx: GenerateContext, previous: list[Row]) -> list[Row]:
         import jinja2
 
-        env = jinja_env()
-        templates = self._templates(ctx)
+        self.options = options
+        self.model_revision = jinja2.__version__
+
+    def plan(self, ctx: GenerateContext, previous: Samples) -> Iterator[Planned]:
+        from jinja2 import TemplateError
+
         rng = random.Random(ctx.seed)
-        planned = []
-        for tpl in templates:
-            tpl.require("instruction", "message", "label", "fields")
-            pool = list(tpl.body.get("constraints", []))
+        # Every template compiles before the first sample is planned: a broken one is named before any work is done.
+        compiled = [(tpl, self._compile(tpl)) for tpl in self._templates(ctx)]
+        for tpl, parts in compiled:
             subsets = [
                 c
-                for k in range(min(self.options.max_constraints, len(pool)) + 1)
-                for c in itertools.combinations(range(len(pool)), k)
+                for k in range(min(self.options.max_constraints, len(parts.constraints)) + 1)
+                for c in itertools.combinations(range(len(parts.constraints)), k)
             ]
             for src in ctx.sources:
                 chosen = sorted(rng.sample(subsets, min(self.options.variants_per_record, len(subsets))))
                 variables = src.record
-                message = env.from_string(tpl.body["message"]).render(variables)
-                instruction = env.from_string(tpl.body["instruction"]).render(variables)
-                reference = {f: str(env.from_string("{{ " + f + " }}").render(variables)) for f in tpl.body["fields"]}
+                try:
+                    message = parts.message.render(variables)
+                    instruction = parts.instruction.render(variables)
+                    reference = {name: str(value.render(variables)) for name, value in parts.fields.items()}
+                    pool = [constraint.render(variables) for constraint in parts.constraints]
+                except TemplateError as exc:
+                    raise BadInput(f"{tpl.path}: {exc} (source record {src.id!r})") from None
                 for subset in chosen:
-                    constraints = [env.from_string(pool[i]).render(variables) for i in subset]
+                    constraints = [pool[i] for i in subset]
                     prompt = instruction
                     if constraints:
                         prompt += "\n" + "\n".join(f"- {c}" for c in constraints)
@@ -178,16 +237,32 @@ class TemplateExpansion:
                         "record": src.id,
                         "constraints": subset,
                     }
-                    planned.append(
-                        Planned(
-                            content=content,
-                            origin=origin,
-                            source={"uri": src.uri, "record_id": src.id, "row": src.line - 1},
-                            template=tpl,
-                            params={"constraint_ids": list(subset), "max_constraints": self.options.max_constraints},
-                        )
+                    yield Planned(
+                        content=content,
+                        origin=origin,
+                        source={"uri": src.uri, "record_id": src.id, "row": src.line - 1},
+                        template=tpl,
+                        params={"constraint_ids": list(subset), "max_constraints": self.options.max_constraints},
                     )
-        return ctx.emit(self.name, planned, TEMPLATE_ENGINE, jinja2.__version__)
+
+    def make(self, ctx: GenerateContext, jobs: list[Planned]) -> list[Planned]:
+        return jobs
+
+    @staticmethod
+    def _compile(tpl: PromptTemplate) -> CompiledTemplate:
+        from jinja2 import TemplateError
+
+        tpl.require("instruction", "message", "label", "fields")
+        env = jinja_env()
+        try:
+            return CompiledTemplate(
+                instruction=env.from_string(tpl.body["instruction"]),
+                message=env.from_string(tpl.body["message"]),
+                fields={f: env.from_string("{{ " + f + " }}") for f in tpl.body["fields"]},
+                constraints=[env.from_string(c) for c in tpl.body.get("constraints", [])],
+            )
+        except TemplateError as exc:
+            raise BadInput(f"{tpl.path}: not a valid template: {exc}") from None
 
     def _templates(self, ctx: GenerateContext) -> list[PromptTemplate]:
         if self.options.templates is None:
@@ -214,39 +289,44 @@ class AdversarialVariants:
 
     name = "adversarial"
     Options = AdversarialOptions
+    model = TEMPLATE_ENGINE
 
     def __init__(self, options: AdversarialOptions, where: str, params_file: str):
         self.options = options
+        self.model_revision = importlib.metadata.version("jinja2")
 
-    def generate(self, ctx: GenerateContext, previous: list[Row]) -> list[Row]:
+    def plan(self, ctx: GenerateContext, previous: Samples) -> Iterator[Planned]:
         if self.options.payloads not in ctx.prompts:
             raise BadInput(
                 f"{ctx.params_file}: generate.methods: adversarial payload file {self.options.payloads!r} not found in prompts"
             )
         tpl = ctx.prompts[self.options.payloads]
         tpl.require(*self.options.kinds)
-        rng = random.Random(ctx.seed + 1)
-        parents = [r for r in previous if rng.random() < self.options.rate]
-        planned = []
-        for parent in parents:
-            kind = self.options.kinds[rng.randrange(len(self.options.kinds))]
-            index = rng.randrange(len(tpl.body[kind]))
+        select, draw = random.Random(ctx.seed + 1), random.Random(ctx.seed + 1)
+        # One seeded sequence: a draw per earlier sample picks the parents, then two draws per parent pick its payload.
+        for _ in range(len(previous)):
+            draw.random()
+        for parent in previous:
+            if select.random() >= self.options.rate:
+                continue
+            kind = self.options.kinds[draw.randrange(len(self.options.kinds))]
+            index = draw.randrange(len(tpl.body[kind]))
             payload = tpl.body[kind][index]
             # Payload goes inside the customer message, where untrusted text would really arrive.
             content = {**{k: parent[k] for k in CONTENT_SCHEMA.names}, "prompt": f"{parent['prompt']} {payload}"}
             origin = {"method": self.name, "parent": parent["sample_id"], "kind": kind, "payload": index, "version": tpl.version}
-            planned.append(
-                Planned(
-                    content=content,
-                    origin=origin,
-                    source=parent["provenance"]["source"],
-                    template=tpl,
-                    params={"kind": kind, "payload_index": index, "rate": self.options.rate},
-                    parent_ids=[parent["sample_id"]],
-                    tags=[f"adversarial:{kind}"],
-                )
+            yield Planned(
+                content=content,
+                origin=origin,
+                source=parent["provenance"]["source"],
+                template=tpl,
+                params={"kind": kind, "payload_index": index, "rate": self.options.rate},
+                parent_ids=[parent["sample_id"]],
+                tags=[f"adversarial:{kind}"],
             )
-        return ctx.emit(self.name, planned, TEMPLATE_ENGINE, importlib.metadata.version("jinja2"))
+
+    def make(self, ctx: GenerateContext, jobs: list[Planned]) -> list[Planned]:
+        return jobs
 
 
 def builtin_generators() -> dict[str, type]:
@@ -256,6 +336,8 @@ def builtin_generators() -> dict[str, type]:
 
 
 def run_generate(params: dict[str, Any], out: str | Path, sources: str | None = None) -> dict[str, Any]:
+    from synthforge.progress import progress_bar
+
     section = params["generate"]
     params_file = params.get("__file__", "params.yaml")
     # Every method's name and options are checked before any method loads a model or reads documents.
@@ -281,16 +363,40 @@ def run_generate(params: dict[str, Any], out: str | Path, sources: str | None = 
         batch_size=int(section.get("batch_size", 256)),
         params_file=params_file,
     )
-    produced: list[Row] = []
-    rejected: list[Row] = []
-    per_method: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        rows = method.generate(ctx, produced)
-        bad = [r for r in rows if "rejected_by" in r]
-        per_method[method.name] = {"kept": len(rows) - len(bad), "rejected": len(bad), **getattr(method, "metrics", {})}
-        produced += [r for r in rows if "rejected_by" not in r]
-        rejected += bad
-    with StageWriter(out, "generate", CONTENT_SCHEMA, fingerprint) as writer:
-        writer.write(produced, rejected)
-        writer.metrics = {"by_method": per_method, "sources": len(records), "prompt_templates": len(prompts)}
+    with Journal.open(out, ctx.fingerprint, rejected_schema(with_provenance(CONTENT_SCHEMA))) as journal:
+        batch_ids: list[str] = []  # in generation order
+        made = 0
+        for method in methods:
+            previous = Samples(journal, list(batch_ids))  # the batches of the methods before this one
+            with progress_bar(f"generate: {method.name}", None) as advance:
+                for jobs in batched(method.plan(ctx, previous), ctx.batch_size):
+                    # Batch ids number the batches of the whole stage, so they are the same in every run of the same work.
+                    batch_id = f"{ctx.fingerprint[:8]}-{method.name}-{len(batch_ids):04d}"
+                    if batch_id not in journal:
+                        planned = method.make(ctx, jobs)
+                        journal.write(batch_id, ctx.emit(method.name, batch_id, planned, method.model, method.model_revision))
+                        made += 1
+                    batch_ids.append(batch_id)
+                    advance(len(jobs))
+
+        kept: Counter[str] = Counter()
+        rejected: Counter[str] = Counter()
+        with StageWriter(out, "generate", CONTENT_SCHEMA, fingerprint) as writer:
+            # Every kept sample, then every rejected one, as the manifest has always listed them; a few thousand rows
+            # at a time, so Parquet row groups are not as small as generation batches.
+            for rows in batched(Samples(journal, batch_ids), DEFAULT_BATCH_ROWS):
+                writer.write(rows)
+                kept.update(r["provenance"]["generation"]["method"] for r in rows)
+            for rows in batched(Samples(journal, batch_ids, rejected=True), DEFAULT_BATCH_ROWS):
+                writer.write([], rows)
+                rejected.update(r["provenance"]["generation"]["method"] for r in rows)
+            writer.metrics = {
+                "by_method": {
+                    m.name: {"kept": kept[m.name], "rejected": rejected[m.name], **getattr(m, "metrics", {})} for m in methods
+                },
+                "sources": len(records),
+                "prompt_templates": len(prompts),
+                "resumed_batches": len(batch_ids) - made,
+                "made_batches": made,
+            }
     return writer.stats

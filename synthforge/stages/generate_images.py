@@ -2,7 +2,9 @@
 
 Every image records its real seed as parent (so a bad real image traces to all its synthetic children), the
 seed's marginal score, the caption and perturbation model, the generator, its LoRA adapter hash, the per-image
-seed and the sampling settings. Images are made and written a generation batch at a time.
+seed and the sampling settings. Images are made a generation batch at a time, and each finished batch goes to a
+journal beside the output (synthforge.resume.Journal): a run killed midway and run again makes only the batches
+the journal lacks.
 
 `plan_images` and `ImageMaker` are shared with the on-the-fly loop (synthforge.onthefly), which makes one batch
 per iteration from the marginal examples of that iteration.
@@ -20,7 +22,8 @@ import pyarrow.parquet as pq
 
 from synthforge.errors import BadInput
 from synthforge.provenance import canonical_json, make_sample_id, new_record, sha256_hex
-from synthforge.stagedir import Row, StageWriter, stage_fingerprint
+from synthforge.resume import Journal
+from synthforge.stagedir import Row, StageWriter, stage_fingerprint, with_provenance
 from synthforge.vision.generator import ImageRequest
 from synthforge.vision.images import IMAGE_CONTENT_SCHEMA
 
@@ -161,21 +164,30 @@ def run_generate_images(
     planned = [job for s in seed_rows for job in plan_images(s, real_rows[s["real_id"]], int(params["seed"]))]
 
     batch_size = int(section.get("batch_size", 256))
-    with (
-        StageWriter(out, "generate", IMAGE_CONTENT_SCHEMA, fingerprint) as writer,
-        progress_bar("generate", len(planned)) as advance,
-    ):
-        for b, start in enumerate(range(0, len(planned), batch_size)):
-            batch = planned[start : start + batch_size]
-            writer.write(maker.make(batch, f"{fingerprint['fingerprint'][:8]}-{maker.method}-{b:04d}"))
-            advance(len(batch))
-        writer.metrics = {
-            "seeds": len(seed_rows),
-            "images": len(planned),
-            "family": family.name,
-            "method": maker.method,
-            "model": gen.model,
-            "adapter_hash": gen.adapter_hash,
-            "sampling": canonical_json(maker.params),
-        }
+    with Journal.open(out, fingerprint["fingerprint"], with_provenance(IMAGE_CONTENT_SCHEMA)) as journal:
+        batch_ids = []
+        made = 0
+        with progress_bar("generate", len(planned)) as advance:
+            for b, start in enumerate(range(0, len(planned), batch_size)):
+                batch = planned[start : start + batch_size]
+                batch_id = f"{fingerprint['fingerprint'][:8]}-{maker.method}-{b:04d}"
+                if batch_id not in journal:
+                    journal.write(batch_id, maker.make(batch, batch_id))
+                    made += 1
+                batch_ids.append(batch_id)
+                advance(len(batch))
+        with StageWriter(out, "generate", IMAGE_CONTENT_SCHEMA, fingerprint) as writer:
+            for batch_id in batch_ids:
+                writer.write(journal.read(batch_id))
+            writer.metrics = {
+                "seeds": len(seed_rows),
+                "images": len(planned),
+                "family": family.name,
+                "method": maker.method,
+                "model": gen.model,
+                "adapter_hash": gen.adapter_hash,
+                "sampling": canonical_json(maker.params),
+                "resumed_batches": len(batch_ids) - made,
+                "made_batches": made,
+            }
     return writer.stats

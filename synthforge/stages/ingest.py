@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pyarrow as pa
 
 from synthforge.errors import BadInput
 from synthforge.provenance import make_sample_id, new_record
-from synthforge.sources import file_digest
+from synthforge.sources import PARQUET_ERRORS, arrow_rows, file_digest
 from synthforge.stagedir import StageWriter, stage_fingerprint
 
 
@@ -31,23 +32,28 @@ def _read_rows(path: Path, split: str | None) -> list[tuple[str, dict[str, Any]]
 
         return [(f"{path}:{lineno}", record) for lineno, record in read_jsonl(path)]
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            try:
-                rows = []
-                for record in reader:
-                    rows.append((f"{path}:{reader.line_num}", record))  # line_num: where the record ends
-                return rows
-            except csv.Error as exc:
-                raise BadInput(f"{path}:{reader.line_num}: not valid CSV: {exc}") from None
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise BadInput(f"{path}:{line}: not UTF-8 text (save the file as UTF-8 CSV)") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            rows = []
+            for record in reader:
+                rows.append((f"{path}:{reader.line_num}", record))  # line_num: where the record ends
+            return rows
+        except csv.Error as exc:
+            raise BadInput(f"{path}:{reader.line_num}: not valid CSV: {exc}") from None
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
             table = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as exc:
+        except PARQUET_ERRORS as exc:
             raise BadInput(f"{path}: not a readable Parquet file: {exc}") from None
-        return [(f"{path}: row {i + 1}", r) for i, r in enumerate(table.to_pylist())]
+        return [(f"{path}: row {i + 1}", r) for i, r in enumerate(arrow_rows(table, lambda i: f"{path}: row {i + 1}"))]
     raise BadInput(f"{path}: unsupported file type {suffix!r} (use .jsonl, .csv, .parquet or a HF dataset folder)")
 
 
@@ -73,6 +79,34 @@ def _read_hf_dataset(path: Path, split: str | None) -> list[dict[str, Any]]:
     return ds.to_list()
 
 
+# Columns every stage directory has: a source column of one of these names would be overwritten, not kept.
+_RESERVED = ("sample_id", "provenance", "rejected_by", "reason")
+
+
+def _check_fields(text_fields: list[str], label_field: str | None) -> None:
+    if not text_fields:
+        raise BadInput("--text-field: give at least one text column to keep")
+    options = [("--text-field", f) for f in text_fields] + ([("--label-field", label_field)] if label_field else [])
+    for option, field in options:
+        if field in _RESERVED:
+            raise BadInput(f"{option} {field}: every stage directory has its own {field!r} column; rename the source column")
+    repeated = sorted({f for f in text_fields if text_fields.count(f) > 1})
+    if repeated:
+        raise BadInput(f"--text-field: {', '.join(map(repr, repeated))} given more than once")
+    if label_field and "label" in text_fields:
+        raise BadInput("--text-field label: the label column is written as `label`; with --label-field, name another column")
+
+
+def _label(value: Any, field: str, where: str) -> str | None:
+    """A class name, or a class index written as text: anything else is not a label."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    kind = type(value).__name__
+    raise BadInput(f"{where}: field {field!r} must be a class name or an integer class index, got {kind} {value!r:.40}")
+
+
 def _digest(path: Path) -> str:
     """Content hash of a file, or of every file in a dataset folder: the same data gets the same batch."""
     if path.is_file():
@@ -91,6 +125,7 @@ def run_ingest(
     split: str | None = None,
 ) -> dict:
     path = Path(path)
+    _check_fields(text_fields, label_field)
     rows = _read_rows(path, split)
     if not rows:
         raise BadInput(f"{path}: no rows to ingest")
@@ -113,7 +148,7 @@ def run_ingest(
                 raise BadInput(f"{where}: field {field!r} must be text, got {type(value).__name__} {value!r:.40}")
         content = {f: record[f] for f in text_fields}
         if label_field:
-            content["label"] = None if record[label_field] is None else str(record[label_field])
+            content["label"] = _label(record[label_field], label_field, where)
         sid = make_sample_id({"method": "imported", "file": digest, "row": i}, content)
         prov = new_record(
             sample_id=sid,

@@ -126,6 +126,7 @@ class LengthCheck:
 
     def __init__(self, options: LengthOptions, where: str, params_file: str):
         self.o = options
+        self.where, self.columns = f"{where}.field", [options.field]
 
     def check(self, row: Row) -> dict:
         n = len(row.get(self.o.field) or "")
@@ -152,6 +153,7 @@ class BannedPatternsCheck:
 
     def __init__(self, options: BannedPatternsOptions, where: str, params_file: str):
         self.fields = options.fields
+        self.where, self.columns = f"{where}.fields", list(options.fields)
         self.patterns = compile_patterns(options.patterns, f"{params_file}: {where}.patterns")
 
     def check(self, row: Row) -> dict:
@@ -481,7 +483,7 @@ def run_judge(params: dict[str, Any], src: str | Path, out: str | Path, allow_se
     extra |= {f"review:{c.ledger}": c.digest for c in checks if isinstance(c, ReviewCheck)}
     for c in checks:
         extra |= getattr(c, "inputs", {})  # the models a check runs (encoders, classifiers)
-        require_columns(source, getattr(c, "columns", ()), f"{params_file}: {getattr(c, 'where', 'judge.checks')}")
+        require_columns(source, getattr(c, "columns", ()), f"{params_file}: {getattr(c, 'where', 'judge.checks')}", text=True)
     judges = [c for c in checks if isinstance(c, LLMJudgeCheck)]
     generators = generator_models(source) if judges else set()
     for c in judges:

@@ -12,13 +12,15 @@ import functools
 import json
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from synthforge.errors import BadInput
+from synthforge.llm.backends import ChatRequest, Completion
 from synthforge.llm.parsing import json_objects
 from synthforge.provenance import sha256_hex
-from synthforge.stages.generate import CONTENT_SCHEMA, GenerateContext, Planned, Row
+from synthforge.stages.generate import CONTENT_SCHEMA, GenerateContext, Planned, Row, Samples
 from synthforge.text.passages import Passage, load_passages, passages_digest
 
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
@@ -113,7 +115,7 @@ def parse_question_answer(raw: str) -> tuple[tuple[str, str] | None, str | None]
 
 
 class LLMMethod:
-    """What the two LLM methods share: the model, the template lookup, the fingerprint inputs."""
+    """What the two LLM methods share: the model, the template lookup, the fingerprint inputs, the calls."""
 
     name: str
 
@@ -124,11 +126,17 @@ class LLMMethod:
         self.where = where
         self.params_file = params_file
         self.llm = shared_llm(options.model, f"{where}.model", params_file)
-        self.metrics: dict[str, Any] = {"model": self.llm.identity}
+        self.model, self.model_revision = self.llm.model_id, self.llm.model_revision
+        self.metrics: dict[str, Any] = {"model": self.llm.identity, "cached_responses": 0}
 
     @property
     def inputs(self) -> dict[str, str]:
         return {f"model:{self.where}": self.llm.identity}
+
+    def complete(self, requests: list[ChatRequest], desc: str) -> list[Completion]:
+        completions = self.llm.complete(requests, desc=desc)
+        self.metrics["cached_responses"] += sum(c.cached for c in completions)
+        return completions
 
     def template(self, ctx: GenerateContext, *keys: str):
         if self.o.prompt not in ctx.prompts:
@@ -139,10 +147,6 @@ class LLMMethod:
         tpl = ctx.prompts[self.o.prompt]
         tpl.require(*keys)
         return tpl
-
-    def emit(self, ctx: GenerateContext, planned: list[Planned], completions) -> list[Row]:
-        self.metrics["cached_responses"] = sum(c.cached for c in completions)
-        return ctx.emit(self.name, planned, self.llm.model_id, self.llm.model_revision)
 
 
 @dataclass
@@ -174,19 +178,20 @@ class Paraphrase(LLMMethod):
             )
         super().__init__(options, where, params_file)
 
-    def generate(self, ctx: GenerateContext, previous: list[Row]) -> list[Row]:
+    def plan(self, ctx: GenerateContext, previous: Samples) -> Iterator[tuple[Row, ChatRequest]]:
+        """(parent, request to rewrite it) for a seeded `rate` of the earlier samples of `of_methods`."""
         tpl = self.template(ctx, "user")
         rng = random.Random(ctx.seed + 2)
-        parents = [
-            r for r in previous if r["provenance"]["generation"]["method"] in self.o.of_methods and rng.random() < self.o.rate
-        ]
-        requests = []
-        for parent in parents:
-            variables = {**{k: parent.get(k) for k in CONTENT_SCHEMA.names}, "text": parent[self.o.field]}
-            requests.append(self.llm.request(_messages(tpl, variables), seed=request_seed(ctx.seed, parent["sample_id"])))
-        completions = self.llm.complete(requests, desc="paraphrase")
+        for parent in previous:
+            if parent["provenance"]["generation"]["method"] in self.o.of_methods and rng.random() < self.o.rate:
+                variables = {**{k: parent.get(k) for k in CONTENT_SCHEMA.names}, "text": parent[self.o.field]}
+                yield parent, self.llm.request(_messages(tpl, variables), seed=request_seed(ctx.seed, parent["sample_id"]))
+
+    def make(self, ctx: GenerateContext, jobs: list[tuple[Row, ChatRequest]]) -> list[Planned]:
+        tpl = self.template(ctx, "user")
+        completions = self.complete([request for _, request in jobs], desc="paraphrase")
         planned = []
-        for parent, completion in zip(parents, completions, strict=True):
+        for (parent, request), completion in zip(jobs, completions, strict=True):
             original = parent[self.o.field]
             text, problem = parse_rewrite(completion.text, original)
             rejection = ("generate.unparsed", f"{problem}: {_short(completion.text)!r}") if problem else None
@@ -217,14 +222,14 @@ class Paraphrase(LLMMethod):
                     },
                     source=parent["provenance"]["source"],
                     template=tpl,
-                    params={"field": self.o.field, "rate": self.o.rate, "request_seed": requests[len(planned)].seed},
+                    params={"field": self.o.field, "rate": self.o.rate, "request_seed": request.seed},
                     parent_ids=[parent["sample_id"]],
                     raw_output=completion.text,
                     parsed=text is not None,
                     rejection=rejection,
                 )
             )
-        return self.emit(ctx, planned, completions)
+        return planned
 
 
 @dataclass
@@ -240,6 +245,14 @@ class GroundedOptions:
 
 
 KIND_LABELS = {"qa": "grounded_qa", "citation": "grounded_citation"}
+
+
+class GroundedJob(NamedTuple):
+    passage: Passage
+    copy: int
+    kind: str
+    shown: list[Passage]  # the passage and, in a citation case, its distractors, in the order the prompt shows them
+    request: ChatRequest
 
 
 class SourceGrounded(LLMMethod):
@@ -274,30 +287,32 @@ class SourceGrounded(LLMMethod):
     def inputs(self) -> dict[str, str]:
         return {**super().inputs, f"docs:{self.where}": passages_digest(self.passages)}
 
-    def generate(self, ctx: GenerateContext, previous: list[Row]) -> list[Row]:
+    def plan(self, ctx: GenerateContext, previous: Samples) -> Iterator[GroundedJob]:
+        """Every passage `per_passage` times, each with a seeded kind and, for citations, the passages shown."""
         tpl = self.template(ctx, "user", *self.o.kinds)
         rng = random.Random(ctx.seed + 3)
-        jobs: list[tuple[Passage, int, str]] = []
-        for passage in self.passages:
-            for copy in range(self.o.per_passage):
-                jobs.append((passage, copy, self.o.kinds[rng.randrange(len(self.o.kinds))]))
-        requests = [
-            self.llm.request(
-                _messages(tpl, {"passage": p.text, "passage_id": p.id, "title": p.title, "copy": copy}),
-                seed=request_seed(ctx.seed, f"{p.id}:{copy}"),
-            )
-            for p, copy, _ in jobs
-        ]
-        completions = self.llm.complete(requests, desc="grounded Q&A")
-        planned = []
-        for (passage, copy, kind), request, completion in zip(jobs, requests, completions, strict=True):
-            qa, problem = parse_question_answer(completion.text)
-            question, answer = qa or ("", "")
+        # Every job's kind is drawn before any citation's distractors: one seeded sequence, in this order.
+        kinds = [self.o.kinds[rng.randrange(len(self.o.kinds))] for _ in range(len(self.passages) * self.o.per_passage)]
+        for number, kind in enumerate(kinds):
+            passage, copy = self.passages[number // self.o.per_passage], number % self.o.per_passage
             shown = [passage]
             if kind == "citation":
                 others = [p for p in self.passages if p.id != passage.id]
                 shown += rng.sample(others, min(self.o.distractors, len(others)))
                 rng.shuffle(shown)
+            request = self.llm.request(
+                _messages(tpl, {"passage": passage.text, "passage_id": passage.id, "title": passage.title, "copy": copy}),
+                seed=request_seed(ctx.seed, f"{passage.id}:{copy}"),
+            )
+            yield GroundedJob(passage, copy, kind, shown, request)
+
+    def make(self, ctx: GenerateContext, jobs: list[GroundedJob]) -> list[Planned]:
+        tpl = self.template(ctx, "user", *self.o.kinds)
+        completions = self.complete([job.request for job in jobs], desc="grounded Q&A")
+        planned = []
+        for (passage, copy, kind, shown, request), completion in zip(jobs, completions, strict=True):
+            qa, problem = parse_question_answer(completion.text)
+            question, answer = qa or ("", "")
             reference = {"answer": answer} if kind == "qa" else {"answer": answer, "citation": passage.id}
             variables = {"passage": passage.text, "passage_id": passage.id, "title": passage.title, "question": question}
             variables["passages"] = [{"id": p.id, "title": p.title, "text": p.text} for p in shown]
@@ -329,4 +344,4 @@ class SourceGrounded(LLMMethod):
                     rejection=("generate.unparsed", f"{problem}: {_short(completion.text)!r}") if problem else None,
                 )
             )
-        return self.emit(ctx, planned, completions)
+        return planned

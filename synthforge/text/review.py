@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from synthforge.errors import BadInput
-from synthforge.provenance import now_iso, sha256_hex
+from synthforge.provenance import SAMPLE_ID, now_iso, read_manifest, sha256_hex
 from synthforge.stagedir import Row, StageInput
 
 LEDGER = "reviews/verdicts.jsonl"
@@ -32,6 +32,9 @@ FIXED_COLUMNS = ("sample_id", "method", "difficulty", "judge_score")
 VERDICT_COLUMNS = ("verdict", "rating", "notes")  # rating: the difficulty the reviewer gives (optional)
 RATINGS = ("easy", "medium", "hard")
 DEFAULT_FIELDS = ("prompt", "reference", "context")
+# Spreadsheets hold at most 32,767 characters in a cell (and split longer ones across rows); Python's csv module reads
+# at most 131,072. A longer text is cut in the review file, never in the data.
+MAX_CELL = 32_000  # characters, leaving room for the note that says how many were cut
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -84,6 +87,8 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if len(text) > MAX_CELL:
+        text = f"{text[:MAX_CELL]} [... {len(text) - MAX_CELL:,} more characters not shown]"
     # A spreadsheet runs a cell starting with = + - @ as a formula, and adversarial samples carry attack text:
     # a leading quote keeps it text (import reads only sample_id, verdict, rating and notes).
     return "'" + text if text[:1] in ("=", "+", "-", "@") else text
@@ -286,7 +291,9 @@ def import_review(filled: str | Path, reviewer: str, ledger: str | Path = LEDGER
             errors.append(f"{filled}: row {number}: duplicate sample_id {sid} (also row {first_row[sid]})")
             continue
         first_row[sid] = number
-        if known is not None and sid not in known:
+        if not SAMPLE_ID.fullmatch(sid):
+            errors.append(f"{filled}: row {number}: {sid!r} is not a sample id (16 to 64 hex digits)")
+        elif known is not None and sid not in known:
             errors.append(f"{filled}: row {number}: unknown sample_id {sid} (not in {stage})")
         if verdict not in ("pass", "fail", ""):
             errors.append(f"{filled}: row {number}: verdict must be pass, fail or blank, got {row['verdict']!r}")
@@ -319,10 +326,8 @@ def import_review(filled: str | Path, reviewer: str, ledger: str | Path = LEDGER
 
 
 def _stage_ids(stage: str | Path) -> set[str]:
-    import pyarrow.parquet as pq
-
     source = StageInput.open(stage)
-    return set(pq.read_table(source.path / "manifest.parquet", columns=["sample_id"]).column("sample_id").to_pylist())
+    return set(read_manifest(source.path / "manifest.parquet", columns=["sample_id"]).column("sample_id").to_pylist())
 
 
 # -- the judge check ---------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 
 def decode_image(data: bytes) -> PILImage.Image:
-    """PNG/JPEG/... bytes -> a loaded PIL image. Raises ValueError on bytes that are not an image."""
+    """PNG/JPEG/... bytes -> a loaded PIL image. Raises ValueError on bytes that are not an image, and on an image
+    whose header claims more pixels than Pillow will decode (a decompression bomb)."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
@@ -45,7 +46,11 @@ def decode_image(data: bytes) -> PILImage.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except UnidentifiedImageError:
+        raise ValueError("not a readable image: not a format Pillow knows, or damaged") from None
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"image too large to decode: {exc}") from None
+    except Exception as exc:  # damaged data: Pillow's decoders raise many types (OSError, SyntaxError, struct.error...)
         raise ValueError(f"not a readable image: {exc}") from None
     return img
 

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from synthforge.errors import BadInput
 from synthforge.provenance import canonical_json, make_sample_id, sha256_hex
+from synthforge.sources import PARQUET_ERRORS, arrow_rows
 from synthforge.stagedir import atomic_dir
 from synthforge.vision.images import decode_image, encode_png
 
@@ -312,7 +313,7 @@ def _read_parquet(files: list[Path], options: RealOptions, filter_split: bool = 
     for file in files:
         try:
             parquet = pq.ParquetFile(file)
-        except (pa.ArrowInvalid, OSError) as exc:
+        except PARQUET_ERRORS as exc:
             raise BadInput(f"{file}: not a readable Parquet file: {exc}") from None
         schema = parquet.schema_arrow
         names = _hf_class_names(schema, options.label_column)
@@ -327,14 +328,16 @@ def _read_parquet(files: list[Path], options: RealOptions, filter_split: bool = 
                 f"{file}: real.split {options.split!r} asked for, but no file is named for it and there is no 'split' column "
                 f"(columns present: {', '.join(schema.names)})"
             )
+        read = list(dict.fromkeys(columns + (["split"] if filter_by_split else [])))
         row_in_file = 0
-        for batch in parquet.iter_batches(
-            batch_size=1024, columns=list(dict.fromkeys(columns + (["split"] if filter_by_split else [])))
-        ):
-            for record in batch.to_pylist():
-                if not filter_by_split or record["split"] == options.split:
-                    rows.append(_raw(f"{file} row {row_in_file}", record, options, file.parent))
-                row_in_file += 1
+        try:
+            for batch in parquet.iter_batches(batch_size=1024, columns=read):
+                for record in arrow_rows(batch, lambda i, file=file, first=row_in_file: f"{file} row {first + i}"):
+                    if not filter_by_split or record["split"] == options.split:
+                        rows.append(_raw(f"{file} row {row_in_file}", record, options, file.parent))
+                    row_in_file += 1
+        except PARQUET_ERRORS as exc:  # a damaged page: the footer read, the data does not
+            raise BadInput(f"{file}: not a readable Parquet file: {exc}") from None
     return _Source(rows, class_names, names_are_indexed=class_names is not None)
 
 
