@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -45,7 +46,7 @@ def _mislabelled_copy(project: Path, out: Path) -> Path:
     rows = []
     for r in real:
         label = (r["label"] + 1) % 10
-        sid = f"wrong-{r['real_id']}"
+        sid = hashlib.sha256(f"wrong-{r['real_id']}".encode()).hexdigest()  # a sample id of its own
         rows.append(
             {
                 **template.slice(0, 1).to_pylist()[0],

@@ -140,7 +140,6 @@ class DedupStage(StageBase):
             facts = self.summarize([]).append_column(ORDINAL, pa.array([], pa.int64()))
         own = np.arange(n)
         ids = facts.column("sample_id").to_pylist()
-        hashes = facts.column("hash").to_pylist()
         matches = [_match(m) for m in facts.column("contamination").to_pylist()] if self.decontaminator else [None] * n
         # A contaminated sample is rejected for that alone and takes no part in clustering.
         clean = np.array([m is None for m in matches], dtype=bool)
@@ -187,29 +186,30 @@ class DedupStage(StageBase):
                 "embedding_threshold": d.embedding_threshold,
                 "encoder": d.encoder.identity if d.encoder else None,
             }
-        method, similarity = [], []
-        for i in range(n):
-            r = int(rep[i])
-            if r == i:
-                method.append(None)
-                similarity.append(None)
-            elif hashes[i] == hashes[r]:
-                method.append("exact")
-                similarity.append(1.0)
-            elif near_rep[i] == r:
-                method.append("minhash")
-                similarity.append(float(estimated_jaccard(sigs, np.array([i]), np.array([r]))[0]))
-            else:
-                # Clipped to the schema's [0, 1]: float32 rounding can pass 1, and a member linked through a chain
-                # of neighbours may point away from the representative.
-                method.append("semantic")
-                similarity.append(float(np.clip(embeddings[i] @ embeddings[r], 0.0, 1.0)))
+        # How each sample was matched to its representative, decided in the order the steps ran.
+        method = np.full(n, None, dtype=object)
+        similarity = np.full(n, np.nan)
+        hash_column = facts.column("hash")
+        same_hash = np.asarray(pc.equal(hash_column, hash_column.take(pa.array(rep, pa.int64()))), dtype=bool)
+        exact = (rep != own) & same_hash
+        minhash = (rep != own) & ~exact & (near_rep == rep)
+        semantic = (rep != own) & ~exact & ~minhash
+        method[exact], similarity[exact] = "exact", 1.0
+        if minhash.any():
+            method[minhash] = "minhash"
+            similarity[minhash] = estimated_jaccard(sigs, own[minhash], rep[minhash])
+        if semantic.any():
+            # Clipped to the schema's [0, 1]: float32 rounding can pass 1, and a member linked through a chain of
+            # neighbours may point away from the representative.
+            method[semantic] = "semantic"
+            cosine = np.einsum("ij,ij->i", embeddings[own[semantic]], embeddings[rep[semantic]])
+            similarity[semantic] = np.clip(cosine, 0.0, 1.0)
         return pa.table(
             {
-                "hash": pa.array(hashes, pa.string()),
-                "rep_id": pa.array([ids[int(r)] for r in rep], pa.string()),
+                "hash": hash_column,
+                "rep_id": facts.column("sample_id").take(pa.array(rep)),
                 "method": pa.array(method, pa.string()),
-                "similarity": pa.array(similarity, pa.float64()),
+                "similarity": pa.array(similarity, pa.float64(), mask=np.isnan(similarity)),
                 "contamination": facts.column("contamination"),
             }
         )
