@@ -199,22 +199,42 @@ def new_record(
     }
 
 
+def _provenance_schema() -> dict[str, Any]:
+    return json.loads(schema_path("provenance.schema.json").read_text())
+
+
+@functools.cache
+def _check():
+    """The schema compiled to Python: every row of every stage passes through it, 40x faster than jsonschema."""
+    import fastjsonschema
+
+    return fastjsonschema.compile(_provenance_schema())
+
+
 @functools.cache
 def _validator():
     import jsonschema
 
-    schema = json.loads(schema_path("provenance.schema.json").read_text())
-    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    return jsonschema.Draft202012Validator(_provenance_schema(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
 
 
 def validate_record(record: dict[str, Any], where: str) -> None:
-    """Raise BadInput naming `where` (file and row) and the offending field if the record breaks the schema."""
-    errors = sorted(_validator().iter_errors(record), key=lambda e: list(e.absolute_path))
-    if errors:
-        from synthforge.params import key_path
+    """Raise BadInput naming `where` (file and row) and the offending field if the record breaks the schema.
 
-        err = errors[0]
-        raise BadInput(f"{where}: provenance.{key_path(err.absolute_path)}: {err.message}")
+    The compiled check decides; jsonschema, slower, only names the first offending field of a record it refused."""
+    import fastjsonschema
+
+    try:
+        _check()(record)
+        return
+    except fastjsonschema.JsonSchemaValueException as refused:
+        errors = sorted(_validator().iter_errors(record), key=lambda e: list(e.absolute_path))
+        if not errors:  # a check jsonschema does not make here (a date-time format)
+            raise BadInput(f"{where}: provenance.{refused.name.removeprefix('data.')}: {refused.message}") from None
+    from synthforge.params import key_path
+
+    err = errors[0]
+    raise BadInput(f"{where}: provenance.{key_path(err.absolute_path)}: {err.message}")
 
 
 def read_manifest(path: str | Path, columns: list[str] | None = None) -> pa.Table:
