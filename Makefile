@@ -27,6 +27,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_decontam.py
 	$(BIN)/python benchmarks/bench_trace.py
 	$(BIN)/python benchmarks/bench_engine.py
+	$(BIN)/python benchmarks/bench_image_scale.py --torch-threads 1
 	$(BIN)/python benchmarks/low_data_digits.py
 
 clean:

@@ -152,9 +152,13 @@ def generate(
     seeds_dir: Annotated[Path, typer.Option("--seeds", help="Seeds folder (images).")] = Path("data/seeds"),
     real: RealOpt = Path("data/real"),
     generator: Annotated[Path, typer.Option("--generator", help="Adapted generator folder (images).")] = Path("models/generator"),
+    engine: EngineOpt = None,
 ):
-    """Generate samples: text from sources and versioned prompts, or images from seeds and the adapted generator."""
-    p = _params(params)
+    """Generate samples: text from sources and versioned prompts, or images from seeds and the adapted generator.
+
+    On Ray, image batches are made by an actor pool (engine.ray.actors, gpus_per_actor GPUs each); text generation
+    runs in this process, its LLM served on its own (an OpenAI-compatible server scales by itself)."""
+    p = _params(params, engine)
     if p["generate"].get("modality") == "image":
         from synthforge.stages.generate_images import run_generate_images
 

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 ENGINES = ("local", "ray")
 ORDINAL = "ordinal"  # every summary row's place in the input: reduces sort by it, decisions are indexed by it
 _PARTITION = "__partition"
+_TASK = "__task"
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def _build_in(cwd: str, factory: Callable[..., Stage], args: tuple) -> Stage:
 
 
 Output = tuple[list[Row], list[Row]]  # (kept, rejected)
+Worker = Callable[[Any], list[Row]]  # a task -> its rows
 Frame = Any  # a table of summaries: a pa.Table on the local engine, a ray.data.Dataset on Ray
 
 
@@ -185,6 +187,13 @@ class Engine:
         """The frame as one table on the driver; `schema` is what an empty result looks like."""
         raise NotImplementedError
 
+    def run_tasks(
+        self, build: Callable[[], Callable[[Any], list[Row]]], tasks: list[Any], schema: pa.Schema
+    ) -> Iterator[list[Row]]:
+        """Each task's rows (of `schema`), in task order, as each finishes. `build()` makes the worker that turns a
+        task into rows (a generator model loaded once per worker: a GPU actor on Ray)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -216,6 +225,14 @@ class LocalEngine(Engine):
 
     def collect(self, frame: pa.Table, schema: pa.Schema | None = None) -> pa.Table:
         return frame
+
+    def run_tasks(
+        self, build: Callable[[], Callable[[Any], list[Row]]], tasks: list[Any], schema: pa.Schema
+    ) -> Iterator[list[Row]]:
+        if tasks:
+            worker = build()
+            for task in tasks:
+                yield worker(task)
 
 
 @dataclass
@@ -292,6 +309,25 @@ class _Applier:
         for b in _batches_of(specs):
             kept, rejected = self.stage.apply(b.rows(), decisions_for(self.decisions, b))
             tables.append(output_table(kept, rejected, self.schema))
+        return pa.concat_tables(tables)
+
+
+class _TaskRunner:
+    """A Ray Data actor that builds a worker once and runs tasks with it; rows carry their task's index."""
+
+    def __init__(self, build_ref, tasks_ref, schema: pa.Schema):
+        import ray
+
+        self.worker = ray.get(build_ref)()
+        self.tasks = ray.get(tasks_ref)
+        self.schema = schema
+
+    @_carrying_errors
+    def __call__(self, specs: pa.Table) -> pa.Table:
+        tables = []
+        for index in specs.column(_TASK).to_pylist():
+            table = pa.Table.from_pylist(self.worker(self.tasks[index]), schema=self.schema)
+            tables.append(table.append_column(_TASK, pa.array([index] * table.num_rows, pa.int64())))
         return pa.concat_tables(tables)
 
 
@@ -412,6 +448,36 @@ class RayEngine(Engine):
     def map(self, frame: ray.data.Dataset, fn: Callable[[pa.Table], pa.Table]) -> ray.data.Dataset:
         with _surfacing_errors():
             return frame.map_batches(_carrying_errors(fn), batch_format="pyarrow", batch_size=None).materialize()
+
+    def run_tasks(
+        self, build: Callable[[], Callable[[Any], list[Row]]], tasks: list[Any], schema: pa.Schema
+    ) -> Iterator[list[Row]]:
+        import ray
+
+        if not tasks:
+            return
+        items = ray.data.from_items([{_TASK: i} for i in range(len(tasks))], override_num_blocks=len(tasks))
+        done = items.map_batches(
+            _TaskRunner,
+            fn_constructor_args=(ray.put(build), ray.put(tasks), schema),
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=self.options.actors),
+            **({"num_gpus": self.options.gpus_per_actor} if self.options.gpus_per_actor else {}),
+        )
+        # Blocks come back in task order (preserve_order); a task that made no rows has none in them.
+        expected, rows = 0, []
+        with _surfacing_errors():
+            for table in done.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for row in table.to_pylist():
+                    index = row.pop(_TASK)
+                    while expected < index:
+                        yield rows
+                        expected, rows = expected + 1, []
+                    rows.append(row)
+        while expected < len(tasks):
+            yield rows
+            expected, rows = expected + 1, []
 
     def collect(self, frame: ray.data.Dataset, schema: pa.Schema | None = None) -> pa.Table:
         tables = list(frame.iter_batches(batch_size=None, batch_format="pyarrow"))

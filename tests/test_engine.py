@@ -174,3 +174,38 @@ def test_a_damaged_shard_read_by_a_ray_worker_is_a_named_bad_input(tmp_path, ray
         with contextlib.chdir(tmp_path), pytest.raises(BadInput, match=named):
             run_on(engine, run_split, params, tmp_path / "ingested", tmp_path / engine.name)
         assert not (tmp_path / engine.name).exists()
+
+
+def without_run(row: dict) -> dict:
+    """A generated sample without what names its run: the run id and when it was made."""
+    generation = {**row["provenance"]["generation"], "created_at": None}
+    return {**row, "provenance": {**row["provenance"], "run_id": None, "generation": generation}}
+
+
+def test_image_generation_on_ray_makes_the_same_images_in_an_actor_pool(digits, ray_engine, tmp_path):
+    """Generation batches run as Ray actors that each load the generator once; the images, ids and provenance are
+    those of the local engine, down to the run id every actor is handed by the driver."""
+    from synthforge.engine import LocalEngine
+    from synthforge.params import load_params
+    from synthforge.stages.generate_images import run_generate_images
+
+    root, _ = digits
+
+    def generate(params, src, out):
+        return run_generate_images(params, src, root / "data" / "real", root / "models" / "generator", out)
+
+    with contextlib.chdir(root):
+        params = load_params("params.yaml")
+        params["generate"] = {**params["generate"], "batch_size": 8}  # several batches, spread over both actors
+        engines = (LocalEngine(), ray_engine)
+        stats = {e.name: run_on(e, generate, params, root / "data" / "seeds", tmp_path / e.name) for e in engines}
+    assert stats["ray"]["made_batches"] == stats["local"]["made_batches"] > 2
+    local, ray = (stage_contents(tmp_path / name) for name in ("local", "ray"))
+    for part in ("samples", "rejected", "stats", "fingerprint"):
+        rows = (ray[part], local[part])
+        if part == "samples":  # each run has its own run id and clock; the rest is the same
+            rows = tuple([without_run(r) for r in side] for side in rows)
+        assert rows[0] == rows[1], f"generate: {part} differ between the local and the Ray engine"
+    assert all(r["image"] for r in ray["samples"])
+    run_ids = {r["provenance"]["run_id"] for r in ray["samples"]}
+    assert len(run_ids) == 1, "every actor must record the driver's run id"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib.metadata
 import itertools
 import json
+import logging
 import random
 import uuid
 from collections import Counter
@@ -62,6 +63,8 @@ CONTENT_SCHEMA = pa.schema(
 
 Row = dict[str, Any]
 TEMPLATE_ENGINE = "jinja2-template-engine"  # the "generation model" of template-based methods
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -340,6 +343,8 @@ def run_generate(params: dict[str, Any], out: str | Path, sources: str | None = 
 
     section = params["generate"]
     params_file = params.get("__file__", "params.yaml")
+    if (params.get("engine") or {}).get("name", "local") != "local":
+        log.info("text generation runs in this process on every engine: its LLM is served (and scaled) on its own")
     # Every method's name and options are checked before any method loads a model or reads documents.
     parsed = []
     for i, spec in enumerate(section["methods"]):

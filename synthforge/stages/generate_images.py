@@ -12,7 +12,9 @@ per iteration from the marginal examples of that iteration.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from synthforge.engine import LocalEngine, get_engine
 from synthforge.errors import BadInput
 from synthforge.provenance import canonical_json, make_sample_id, new_record, sha256_hex
 from synthforge.resume import Journal
@@ -79,14 +82,18 @@ def plan_images(seed: dict[str, Any], real: dict[str, Any], global_seed: int, it
 class ImageMaker:
     """The adapted generator plus what every image it makes records: run, method, sampling settings, prompt."""
 
-    def __init__(self, family, generator, source_uri: str):
+    def __init__(self, family, generator, source_uri: str, run_id: str | None = None):
         self.generator = generator
         self.source_uri = source_uri
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = run_id or uuid.uuid4().hex[:12]
         self.params = generator.params()
         template = getattr(getattr(generator, "options", None), "prompt_template", None)
         self.prompt_hash = sha256_hex(template) if template else None
         self.method = f"{family.name}-img2img" if self.params.get("strength") is not None else family.name
+
+    def __call__(self, task: tuple[list[ImageJob], str]) -> list[Row]:
+        """One generation batch, (jobs, batch_id), as an engine task."""
+        return self.make(*task)
 
     def make(self, jobs: list[ImageJob], batch_id: str, extra_params: dict[str, Any] | None = None) -> list[Row]:
         """Generate the jobs' images as sample rows with provenance; extra_params join the generation params."""
@@ -132,6 +139,15 @@ class ImageMaker:
         }
 
 
+def _maker_in(cwd: str, params: dict[str, Any], generator: Path, source_uri: str, run_id: str) -> ImageMaker:
+    """The image maker as a Ray worker builds it: in the driver's project folder, with the driver's run id."""
+    from synthforge.stages.prepare import load_generator
+
+    os.chdir(cwd)
+    family, gen = load_generator(params, generator)
+    return ImageMaker(family, gen, source_uri, run_id)
+
+
 def run_generate_images(
     params: dict[str, Any], seeds: str | Path, real: str | Path, generator: str | Path, out: str | Path
 ) -> dict[str, Any]:
@@ -162,20 +178,23 @@ def run_generate_images(
     )
     maker = ImageMaker(family, gen, info["source_id"])
     planned = [job for s in seed_rows for job in plan_images(s, real_rows[s["real_id"]], int(params["seed"]))]
-
     batch_size = int(section.get("batch_size", 256))
-    with Journal.open(out, fingerprint["fingerprint"], with_provenance(IMAGE_CONTENT_SCHEMA)) as journal:
-        batch_ids = []
-        made = 0
+    batches = [planned[start : start + batch_size] for start in range(0, len(planned), batch_size)]
+    # Batch ids number the batches of the whole stage, so they are the same in every run of the same work.
+    batch_ids = [f"{fingerprint['fingerprint'][:8]}-{maker.method}-{b:04d}" for b in range(len(batches))]
+    engine, _ = get_engine(params)
+    # On Ray each GPU actor loads the generator once; the driver's maker is then only what names the samples.
+    build = functools.partial(_maker_in, os.getcwd(), params, generator, info["source_id"], maker.run_id)
+    schema = with_provenance(IMAGE_CONTENT_SCHEMA)
+    with Journal.open(out, fingerprint["fingerprint"], schema) as journal:
+        todo = [(jobs, batch_id) for jobs, batch_id in zip(batches, batch_ids, strict=True) if batch_id not in journal]
         with progress_bar("generate", len(planned)) as advance:
-            for b, start in enumerate(range(0, len(planned), batch_size)):
-                batch = planned[start : start + batch_size]
-                batch_id = f"{fingerprint['fingerprint'][:8]}-{maker.method}-{b:04d}"
-                if batch_id not in journal:
-                    journal.write(batch_id, maker.make(batch, batch_id))
-                    made += 1
-                batch_ids.append(batch_id)
-                advance(len(batch))
+            advance(len(planned) - sum(len(jobs) for jobs, _ in todo))
+            local = isinstance(engine, LocalEngine)
+            made = engine.run_tasks((lambda: maker) if local else build, todo, schema)
+            for (jobs, batch_id), rows in zip(todo, made, strict=True):
+                journal.write(batch_id, rows)
+                advance(len(jobs))
         with StageWriter(out, "generate", IMAGE_CONTENT_SCHEMA, fingerprint) as writer:
             for batch_id in batch_ids:
                 writer.write(journal.read(batch_id))
@@ -187,7 +206,7 @@ def run_generate_images(
                 "model": gen.model,
                 "adapter_hash": gen.adapter_hash,
                 "sampling": canonical_json(maker.params),
-                "resumed_batches": len(batch_ids) - made,
-                "made_batches": made,
+                "resumed_batches": len(batch_ids) - len(todo),
+                "made_batches": len(todo),
             }
     return writer.stats
