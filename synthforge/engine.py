@@ -19,6 +19,7 @@ the input into the same batches and every reduce function sees whole keys, so bo
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -187,9 +188,7 @@ class Engine:
         """The frame as one table on the driver; `schema` is what an empty result looks like."""
         raise NotImplementedError
 
-    def run_tasks(
-        self, build: Callable[[], Callable[[Any], list[Row]]], tasks: list[Any], schema: pa.Schema
-    ) -> Iterator[list[Row]]:
+    def run_tasks(self, build: Callable[[], Worker], tasks: list[Any], schema: pa.Schema) -> Iterator[list[Row]]:
         """Each task's rows (of `schema`), in task order, as each finishes. `build()` makes the worker that turns a
         task into rows (a generator model loaded once per worker: a GPU actor on Ray)."""
         raise NotImplementedError
@@ -226,9 +225,7 @@ class LocalEngine(Engine):
     def collect(self, frame: pa.Table, schema: pa.Schema | None = None) -> pa.Table:
         return frame
 
-    def run_tasks(
-        self, build: Callable[[], Callable[[Any], list[Row]]], tasks: list[Any], schema: pa.Schema
-    ) -> Iterator[list[Row]]:
+    def run_tasks(self, build: Callable[[], Worker], tasks: list[Any], schema: pa.Schema) -> Iterator[list[Row]]:
         if tasks:
             worker = build()
             for task in tasks:
@@ -251,21 +248,20 @@ _CARRIED = "synthforge-error: "
 
 
 def _carrying_errors(fn: Callable) -> Callable:
-    import functools
-
     @functools.wraps(fn)
     def run(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except SynthforgeError as exc:
-            raise RuntimeError(_CARRIED + json.dumps([type(exc).__name__, str(exc)])) from None
+            raise RuntimeError(_CARRIED + json.dumps([type(exc).__name__, str(exc), exc.exit_code])) from None
 
     return run
 
 
 @contextlib.contextmanager
 def _surfacing_errors() -> Iterator[None]:
-    """Raise a worker's SynthforgeError again, as itself, in the driver."""
+    """Raise a worker's SynthforgeError again, as itself (its class where synthforge.errors has it, its exit code
+    always), in the driver."""
     try:
         yield
     except Exception as exc:
@@ -273,60 +269,74 @@ def _surfacing_errors() -> Iterator[None]:
 
         if not isinstance(exc, ray.exceptions.RayError):
             raise
-        found = re.search(f"{_CARRIED}(.*)$", str(exc), re.M)
+        text = str(exc)
+        found = re.search(re.escape(_CARRIED), text)
         if found is None:
             raise
-        kind, message = json.loads(found.group(1))
-        raise getattr(errors, kind, SynthforgeError)(message) from None
+        try:
+            (kind, message, exit_code), _ = json.JSONDecoder().raw_decode(text, found.end())
+        except ValueError:
+            raise exc from None
+        cls = getattr(errors, kind, None)
+        error = (cls if isinstance(cls, type) and issubclass(cls, SynthforgeError) else SynthforgeError)(message)
+        error.exit_code = exit_code
+        raise error from None
 
 
-class _Summarizer:
-    """A Ray Data actor that summarises batches with its own copy of the stage."""
+class _Actor:
+    """A Ray Data actor's state, made on its first batch (not in __init__) so that a SynthforgeError raised while
+    building it (a model path missing on a worker) reaches the driver as itself."""
 
-    def __init__(self, stage_ref):
-        import ray
-
-        self.stage = ray.get(stage_ref)
-
-    @_carrying_errors
-    def __call__(self, specs: pa.Table) -> pa.Table:
-        return pa.concat_tables([with_ordinals(self.stage.summarize(b.rows()), b) for b in _batches_of(specs)])
-
-
-class _Applier:
-    """A Ray Data actor that applies the stage to batches, given their slices of the decisions."""
-
-    def __init__(self, stage_ref, decisions_ref, schema: pa.Schema):
-        import ray
-
-        self.stage = ray.get(stage_ref)
-        self.decisions = ray.get(decisions_ref) if decisions_ref is not None else None
-        self.schema = schema
+    def __init__(self, *refs):
+        self.refs, self.state = refs, None
 
     @_carrying_errors
     def __call__(self, specs: pa.Table) -> pa.Table:
+        import ray
+
+        if self.state is None:
+            self.state = self.build(*(ray.get(r) if isinstance(r, ray.ObjectRef) else r for r in self.refs))
+        return self.run(specs)
+
+
+class _Summarizer(_Actor):
+    """Summarises batches with its own copy of the stage."""
+
+    def build(self, stage: Stage):
+        return stage
+
+    def run(self, specs: pa.Table) -> pa.Table:
+        return pa.concat_tables([with_ordinals(self.state.summarize(b.rows()), b) for b in _batches_of(specs)])
+
+
+class _Applier(_Actor):
+    """Applies the stage to batches, given their slices of the decisions."""
+
+    def build(self, stage: Stage, decisions: pa.Table | None, schema: pa.Schema):
+        return stage, decisions, schema
+
+    def run(self, specs: pa.Table) -> pa.Table:
+        stage, decisions, schema = self.state
         tables = []
         for b in _batches_of(specs):
-            kept, rejected = self.stage.apply(b.rows(), decisions_for(self.decisions, b))
-            tables.append(output_table(kept, rejected, self.schema))
+            kept, rejected = stage.apply(b.rows(), decisions_for(decisions, b))
+            tables.append(output_table(kept, rejected, schema))
         return pa.concat_tables(tables)
 
 
-class _TaskRunner:
-    """A Ray Data actor that builds a worker once and runs tasks with it; rows carry their task's index."""
+class _TaskRunner(_Actor):
+    """Builds a worker once and runs tasks with it, each fetched when it runs; rows carry their task's index."""
 
-    def __init__(self, build_ref, tasks_ref, schema: pa.Schema):
+    def build(self, build: Callable[[], Worker], task_refs: list, schema: pa.Schema):
+        return build(), task_refs, schema
+
+    def run(self, specs: pa.Table) -> pa.Table:
         import ray
 
-        self.worker = ray.get(build_ref)()
-        self.tasks = ray.get(tasks_ref)
-        self.schema = schema
-
-    @_carrying_errors
-    def __call__(self, specs: pa.Table) -> pa.Table:
+        worker, task_refs, schema = self.state
         tables = []
         for index in specs.column(_TASK).to_pylist():
-            table = pa.Table.from_pylist(self.worker(self.tasks[index]), schema=self.schema)
+            table = pa.Table.from_pylist(worker(ray.get(task_refs[index])), schema=schema)
             tables.append(table.append_column(_TASK, pa.array([index] * table.num_rows, pa.int64())))
         return pa.concat_tables(tables)
 
@@ -374,6 +384,9 @@ class RayEngine(Engine):
     def close(self) -> None:
         import ray
 
+        global _ENGINE
+        if _ENGINE is self:
+            _ENGINE = None
         if self._started and ray.is_initialized():
             ray.shutdown()
 
@@ -403,11 +416,17 @@ class RayEngine(Engine):
         import ray
 
         if getattr(stage, "uses_model", False):
-            return {
-                "compute": ray.data.ActorPoolStrategy(size=self.options.actors),
-                **({"num_gpus": self.options.gpus_per_actor} if self.options.gpus_per_actor else {}),
-            }
+            return self._model_pool()
         return {"compute": ray.data.ActorPoolStrategy(min_size=1, max_size=self.cpus)}
+
+    def _model_pool(self) -> dict[str, Any]:
+        """engine.ray.actors actors, each loading the model once, with engine.ray.gpus_per_actor GPUs."""
+        import ray
+
+        return {
+            "compute": ray.data.ActorPoolStrategy(size=self.options.actors),
+            **({"num_gpus": self.options.gpus_per_actor} if self.options.gpus_per_actor else {}),
+        }
 
     def apply(self, stage: Stage, batches: list[Batch], decisions: pa.Table | None, schema: pa.Schema) -> Iterator[Output]:
         import ray
@@ -449,9 +468,7 @@ class RayEngine(Engine):
         with _surfacing_errors():
             return frame.map_batches(_carrying_errors(fn), batch_format="pyarrow", batch_size=None).materialize()
 
-    def run_tasks(
-        self, build: Callable[[], Callable[[Any], list[Row]]], tasks: list[Any], schema: pa.Schema
-    ) -> Iterator[list[Row]]:
+    def run_tasks(self, build: Callable[[], Worker], tasks: list[Any], schema: pa.Schema) -> Iterator[list[Row]]:
         import ray
 
         if not tasks:
@@ -459,11 +476,11 @@ class RayEngine(Engine):
         items = ray.data.from_items([{_TASK: i} for i in range(len(tasks))], override_num_blocks=len(tasks))
         done = items.map_batches(
             _TaskRunner,
-            fn_constructor_args=(ray.put(build), ray.put(tasks), schema),
+            # One object per task: an actor fetches the tasks it runs, not the whole plan.
+            fn_constructor_args=(ray.put(build), [ray.put(t) for t in tasks], schema),
             batch_size=1,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=self.options.actors),
-            **({"num_gpus": self.options.gpus_per_actor} if self.options.gpus_per_actor else {}),
+            **self._model_pool(),
         )
         # Blocks come back in task order (preserve_order); a task that made no rows has none in them.
         expected, rows = 0, []
@@ -471,6 +488,8 @@ class RayEngine(Engine):
             for table in done.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for row in table.to_pylist():
                     index = row.pop(_TASK)
+                    if index < expected:
+                        raise RuntimeError(f"Ray returned task {index} after task {expected}: rows would be misfiled")
                     while expected < index:
                         yield rows
                         expected, rows = expected + 1, []

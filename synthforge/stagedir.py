@@ -144,7 +144,7 @@ class StageInput:
             raise BadInput(f"{path / 'stage.json'}: not valid JSON: {exc}") from None
         if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in ("stage", "fingerprint")):
             raise BadInput(f"{path / 'stage.json'}: not a stage fingerprint (it needs the strings 'stage' and 'fingerprint')")
-        _read_schema(path / "manifest.parquet")
+        _read_schema(path / "manifest.parquet")  # the manifest's footer must be readable too
         return cls(path=path, info=info, schema=_samples_schema(path))
 
     @property
@@ -176,7 +176,7 @@ class Batch:
     stop: int
     first: int
 
-    def read(self, columns: list[str] | None = None) -> pa.Table:
+    def read(self) -> pa.Table:
         pf = open_shard(self.shard)
         # Only the row groups that hold the range are read.
         groups, offset, begin = [], 0, 0
@@ -187,7 +187,7 @@ class Batch:
                 groups.append(g)
             offset += n
         try:
-            table = pf.read_row_groups(groups, columns=columns).slice(self.start - begin, self.stop - self.start)
+            table = pf.read_row_groups(groups).slice(self.start - begin, self.stop - self.start)
         except PARQUET_ERRORS as exc:  # the footer read when the directory opened; a data page did not
             raise BadInput(f"{self.shard}: rows {self.start} to {self.stop - 1} are damaged (rerun its stage): {exc}") from None
         # A damaged stage directory: text that is not UTF-8, a sample id that was edited.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from synthforge.engine import LocalEngine, get_engine
+from synthforge.engine import get_engine
 from synthforge.errors import BadInput
 from synthforge.provenance import canonical_json, make_sample_id, new_record, sha256_hex
 from synthforge.resume import Journal
@@ -79,6 +80,11 @@ def plan_images(seed: dict[str, Any], real: dict[str, Any], global_seed: int, it
     return jobs
 
 
+def image_method(family, options) -> str:
+    """The generation method samples record: the family, and whether it starts from the real image (img2img)."""
+    return f"{family.name}-img2img" if options.strength is not None else family.name
+
+
 class ImageMaker:
     """The adapted generator plus what every image it makes records: run, method, sampling settings, prompt."""
 
@@ -89,7 +95,7 @@ class ImageMaker:
         self.params = generator.params()
         template = getattr(getattr(generator, "options", None), "prompt_template", None)
         self.prompt_hash = sha256_hex(template) if template else None
-        self.method = f"{family.name}-img2img" if self.params.get("strength") is not None else family.name
+        self.method = image_method(family, generator.options)
 
     def __call__(self, task: tuple[list[ImageJob], str]) -> list[Row]:
         """One generation batch, (jobs, batch_id), as an engine task."""
@@ -152,7 +158,7 @@ def run_generate_images(
     params: dict[str, Any], seeds: str | Path, real: str | Path, generator: str | Path, out: str | Path
 ) -> dict[str, Any]:
     from synthforge.progress import progress_bar
-    from synthforge.stages.prepare import load_generator
+    from synthforge.stages.prepare import family_options
     from synthforge.vision.real import read_real, real_info
 
     section = params["generate"]
@@ -172,40 +178,43 @@ def run_generate_images(
         "real": info["digest"],
         "generator": generator_digest(generator),
     }
-    family, gen = load_generator(params, generator)
+    engine, _ = get_engine(params)  # first: a missing Ray fails before any work
+    family, options = family_options(params, "generate")
     fingerprint = stage_fingerprint(
         "generate", {"generate": section, "generator": params.get("generator"), "seed": params["seed"]}, inputs
     )
-    maker = ImageMaker(family, gen, info["source_id"])
+    method = image_method(family, options)
     planned = [job for s in seed_rows for job in plan_images(s, real_rows[s["real_id"]], int(params["seed"]))]
     batch_size = int(section.get("batch_size", 256))
     batches = [planned[start : start + batch_size] for start in range(0, len(planned), batch_size)]
     # Batch ids number the batches of the whole stage, so they are the same in every run of the same work.
-    batch_ids = [f"{fingerprint['fingerprint'][:8]}-{maker.method}-{b:04d}" for b in range(len(batches))]
-    engine, _ = get_engine(params)
-    # On Ray each GPU actor loads the generator once; the driver's maker is then only what names the samples.
-    build = functools.partial(_maker_in, os.getcwd(), params, generator, info["source_id"], maker.run_id)
+    batch_ids = [f"{fingerprint['fingerprint'][:8]}-{method}-{b:04d}" for b in range(len(batches))]
+    # The generator is loaded where the images are made (this process, or once per Ray actor), and only when a
+    # batch is missing; every worker records this run's id.
+    build = functools.partial(_maker_in, os.getcwd(), params, generator, info["source_id"], uuid.uuid4().hex[:12])
     schema = with_provenance(IMAGE_CONTENT_SCHEMA)
     with Journal.open(out, fingerprint["fingerprint"], schema) as journal:
         todo = [(jobs, batch_id) for jobs, batch_id in zip(batches, batch_ids, strict=True) if batch_id not in journal]
         with progress_bar("generate", len(planned)) as advance:
             advance(len(planned) - sum(len(jobs) for jobs, _ in todo))
-            local = isinstance(engine, LocalEngine)
-            made = engine.run_tasks((lambda: maker) if local else build, todo, schema)
-            for (jobs, batch_id), rows in zip(todo, made, strict=True):
+            for (jobs, batch_id), rows in zip(todo, engine.run_tasks(build, todo, schema), strict=True):
                 journal.write(batch_id, rows)
                 advance(len(jobs))
         with StageWriter(out, "generate", IMAGE_CONTENT_SCHEMA, fingerprint) as writer:
+            made_by = None  # the generator and sampling settings, as the samples record them
             for batch_id in batch_ids:
-                writer.write(journal.read(batch_id))
+                rows = journal.read(batch_id)
+                made_by = made_by or (rows[0]["provenance"]["generation"] if rows else None)
+                writer.write(rows)
+            sampling = {k: v for k, v in json.loads(made_by["params"]).items() if k != "variant"} if made_by else None
             writer.metrics = {
                 "seeds": len(seed_rows),
                 "images": len(planned),
                 "family": family.name,
-                "method": maker.method,
-                "model": gen.model,
-                "adapter_hash": gen.adapter_hash,
-                "sampling": canonical_json(maker.params),
+                "method": method,
+                "model": made_by and made_by["model"],
+                "adapter_hash": made_by and made_by["adapter_hash"],
+                "sampling": canonical_json(sampling) if made_by else None,
                 "resumed_batches": len(batch_ids) - len(todo),
                 "made_batches": len(todo),
             }
