@@ -156,8 +156,8 @@ def generate(
 ):
     """Generate samples: text from sources and versioned prompts, or images from seeds and the adapted generator.
 
-    On Ray, image batches are made by an actor pool (engine.ray.actors, gpus_per_actor GPUs each); text generation
-    runs in this process, its LLM served on its own (an OpenAI-compatible server scales by itself)."""
+    On Ray, generation batches are made by an actor pool (engine.ray.actors, gpus_per_actor GPUs each) that loads
+    the generator (diffusion model or LLM) once per actor."""
     p = _params(params, engine)
     if p["generate"].get("modality") == "image":
         from synthforge.stages.generate_images import run_generate_images

@@ -23,9 +23,10 @@ import functools
 import json
 import logging
 import os
+import pickle
 import re
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -53,6 +54,7 @@ ENGINES = ("local", "ray")
 ORDINAL = "ordinal"  # every summary row's place in the input: reduces sort by it, decisions are indexed by it
 _PARTITION = "__partition"
 _TASK = "__task"
+_RESULT = "__result"
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,6 @@ def _build_in(cwd: str, factory: Callable[..., Stage], args: tuple) -> Stage:
 
 
 Output = tuple[list[Row], list[Row]]  # (kept, rejected)
-Worker = Callable[[Any], list[Row]]  # a task -> its rows
 Frame = Any  # a table of summaries: a pa.Table on the local engine, a ray.data.Dataset on Ray
 
 
@@ -188,9 +189,10 @@ class Engine:
         """The frame as one table on the driver; `schema` is what an empty result looks like."""
         raise NotImplementedError
 
-    def run_tasks(self, build: Callable[[], Worker], tasks: list[Any], schema: pa.Schema) -> Iterator[list[Row]]:
-        """Each task's rows (of `schema`), in task order, as each finishes. `build()` makes the worker that turns a
-        task into rows (a generator model loaded once per worker: a GPU actor on Ray)."""
+    def run_tasks(self, worker: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Any]:
+        """worker(task) for every task, in task order, each as it finishes. On Ray the worker is pickled to an actor
+        pool (engine.ray.actors actors, gpus_per_actor GPUs each): one that loads a model should do so on its first
+        call, and leave the model out of what it pickles, so each actor loads it once. Results are pickled back."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -225,11 +227,9 @@ class LocalEngine(Engine):
     def collect(self, frame: pa.Table, schema: pa.Schema | None = None) -> pa.Table:
         return frame
 
-    def run_tasks(self, build: Callable[[], Worker], tasks: list[Any], schema: pa.Schema) -> Iterator[list[Row]]:
-        if tasks:
-            worker = build()
-            for task in tasks:
-                yield worker(task)
+    def run_tasks(self, worker: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Any]:
+        for task in tasks:  # lazily: a stage may plan its tasks as it goes
+            yield worker(task)
 
 
 @dataclass
@@ -325,20 +325,18 @@ class _Applier(_Actor):
 
 
 class _TaskRunner(_Actor):
-    """Builds a worker once and runs tasks with it, each fetched when it runs; rows carry their task's index."""
+    """Runs tasks with its copy of the worker, each task fetched when it runs; results go back pickled."""
 
-    def build(self, build: Callable[[], Worker], task_refs: list, schema: pa.Schema):
-        return build(), task_refs, schema
+    def build(self, worker: Callable[[Any], Any], task_refs: list):
+        return worker, task_refs
 
     def run(self, specs: pa.Table) -> pa.Table:
         import ray
 
-        worker, task_refs, schema = self.state
-        tables = []
-        for index in specs.column(_TASK).to_pylist():
-            table = pa.Table.from_pylist(worker(ray.get(task_refs[index])), schema=schema)
-            tables.append(table.append_column(_TASK, pa.array([index] * table.num_rows, pa.int64())))
-        return pa.concat_tables(tables)
+        worker, task_refs = self.state
+        indices = specs.column(_TASK).to_pylist()
+        results = [pickle.dumps(worker(ray.get(task_refs[i])), protocol=pickle.HIGHEST_PROTOCOL) for i in indices]
+        return pa.table({_TASK: pa.array(indices, pa.int64()), _RESULT: pa.array(results, pa.large_binary())})
 
 
 def _batches_of(specs: pa.Table) -> list[Batch]:
@@ -468,35 +466,29 @@ class RayEngine(Engine):
         with _surfacing_errors():
             return frame.map_batches(_carrying_errors(fn), batch_format="pyarrow", batch_size=None).materialize()
 
-    def run_tasks(self, build: Callable[[], Worker], tasks: list[Any], schema: pa.Schema) -> Iterator[list[Row]]:
+    def run_tasks(self, worker: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Any]:
         import ray
 
+        tasks = list(tasks)
         if not tasks:
             return
         items = ray.data.from_items([{_TASK: i} for i in range(len(tasks))], override_num_blocks=len(tasks))
         done = items.map_batches(
             _TaskRunner,
             # One object per task: an actor fetches the tasks it runs, not the whole plan.
-            fn_constructor_args=(ray.put(build), [ray.put(t) for t in tasks], schema),
+            fn_constructor_args=(ray.put(worker), [ray.put(t) for t in tasks]),
             batch_size=1,
             batch_format="pyarrow",
             **self._model_pool(),
         )
-        # Blocks come back in task order (preserve_order); a task that made no rows has none in them.
-        expected, rows = 0, []
+        expected = 0
         with _surfacing_errors():
             for table in done.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for row in table.to_pylist():
-                    index = row.pop(_TASK)
-                    if index < expected:
-                        raise RuntimeError(f"Ray returned task {index} after task {expected}: rows would be misfiled")
-                    while expected < index:
-                        yield rows
-                        expected, rows = expected + 1, []
-                    rows.append(row)
-        while expected < len(tasks):
-            yield rows
-            expected, rows = expected + 1, []
+                for index, result in zip(table.column(_TASK).to_pylist(), table.column(_RESULT).to_pylist(), strict=True):
+                    if index != expected:  # preserve_order keeps them in order; a result is never misfiled
+                        raise RuntimeError(f"Ray returned task {index} where task {expected} was due")
+                    expected += 1
+                    yield pickle.loads(result)
 
     def collect(self, frame: ray.data.Dataset, schema: pa.Schema | None = None) -> pa.Table:
         tables = list(frame.iter_batches(batch_size=None, batch_format="pyarrow"))

@@ -209,3 +209,25 @@ def test_image_generation_on_ray_makes_the_same_images_in_an_actor_pool(digits, 
     assert all(r["image"] for r in ray["samples"])
     run_ids = {r["provenance"]["run_id"] for r in ray["samples"]}
     assert len(run_ids) == 1, "every actor must record the driver's run id"
+
+
+def test_text_generation_on_ray_makes_the_same_samples_in_an_actor_pool(project, ray_engine, tmp_path):
+    """Every method of the text recipe (templates, adversarial variants, LLM paraphrases, grounded Q&A) plans on
+    the driver and makes its batches on Ray actors that each load the tiny LLM: the same samples as locally."""
+    from synthforge.engine import LocalEngine
+    from synthforge.params import load_params
+    from synthforge.stages.generate import run_generate
+
+    with contextlib.chdir(project):
+        params = load_params("params.yaml")
+        params["generate"] = {**params["generate"], "batch_size": 8}
+        engines = (LocalEngine(), ray_engine)
+        stats = {e.name: run_on(e, lambda p, _, out: run_generate(p, out), params, None, tmp_path / e.name) for e in engines}
+    local, ray = (stage_contents(tmp_path / name) for name in ("local", "ray"))
+    for part in ("samples", "rejected"):
+        assert [without_run(r) for r in ray[part]] == [without_run(r) for r in local[part]], f"generate: {part} differ"
+    assert ray["fingerprint"] == local["fingerprint"]
+    assert stats["ray"]["by_method"] == stats["local"]["by_method"], "metrics counted on actors reach the driver"
+    assert stats["ray"]["made_batches"] > 4
+    llm_made = [r for r in ray["samples"] + ray["rejected"] if r["provenance"]["generation"]["raw_output"] is not None]
+    assert llm_made, "the recipe's LLM methods should make samples on the actors"

@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib.metadata
 import itertools
 import json
-import logging
+import os
 import random
 import uuid
 from collections import Counter
@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
 
+from synthforge.engine import get_engine
 from synthforge.errors import BadInput
 from synthforge.params import parse_options
 from synthforge.plugins import resolve
@@ -63,8 +64,6 @@ CONTENT_SCHEMA = pa.schema(
 
 Row = dict[str, Any]
 TEMPLATE_ENGINE = "jinja2-template-engine"  # the "generation model" of template-based methods
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -338,13 +337,55 @@ def builtin_generators() -> dict[str, type]:
     return {g.name: g for g in (TemplateExpansion, AdversarialVariants, Paraphrase, SourceGrounded)}
 
 
+@dataclass
+class MethodWorker:
+    """Makes one method's generation batches, (batch_id, jobs), as engine tasks: (batch_id, planned, counts).
+
+    In this process it uses the driver's method. Pickled to a Ray actor it leaves the method (and its model)
+    behind and builds its own on the first batch, so each actor loads the model once. `counts` are what make()
+    added to the method's numeric metrics (cached responses): the driver sums them, wherever a batch ran.
+    """
+
+    project: str  # the folder params' paths are relative to
+    spec: tuple  # (method class, options, where, params file)
+    ctx: GenerateContext
+    method: Any = None
+
+    def __call__(self, task: tuple[str, list[Any]]) -> tuple[str, list[Planned], dict[str, float]]:
+        batch_id, jobs = task
+        if self.method is None:
+            os.chdir(self.project)
+            cls, options, where, params_file = self.spec
+            self.method = cls(options, where, params_file)
+        metrics = getattr(self.method, "metrics", {})
+        before = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        planned = self.method.make(self.ctx, jobs)
+        counts = {k: metrics[k] - v for k, v in before.items() if metrics[k] != v}
+        metrics.update(before)  # counted once, by the driver
+        return batch_id, planned, counts
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "method": None}
+
+
+def _missing_batches(method, ctx: GenerateContext, previous: Samples, journal: Journal, batch_ids: list[str], advance):
+    """The method's batches, numbered as they are planned (batch_ids grows), that the journal does not hold yet.
+    Batch ids number the batches of the whole stage, so they are the same in every run of the same work."""
+    for jobs in batched(method.plan(ctx, previous), ctx.batch_size):
+        batch_id = f"{ctx.fingerprint[:8]}-{method.name}-{len(batch_ids):04d}"
+        batch_ids.append(batch_id)
+        if batch_id in journal:
+            advance(len(jobs))
+        else:
+            yield batch_id, jobs
+
+
 def run_generate(params: dict[str, Any], out: str | Path, sources: str | None = None) -> dict[str, Any]:
     from synthforge.progress import progress_bar
 
     section = params["generate"]
     params_file = params.get("__file__", "params.yaml")
-    if (params.get("engine") or {}).get("name", "local") != "local":
-        log.info("text generation runs in this process on every engine: its LLM is served (and scaled) on its own")
+    engine, _ = get_engine(params)  # first: a missing Ray fails before any model loads
     # Every method's name and options are checked before any method loads a model or reads documents.
     parsed = []
     for i, spec in enumerate(section["methods"]):
@@ -371,18 +412,17 @@ def run_generate(params: dict[str, Any], out: str | Path, sources: str | None = 
     with Journal.open(out, ctx.fingerprint, rejected_schema(with_provenance(CONTENT_SCHEMA))) as journal:
         batch_ids: list[str] = []  # in generation order
         made = 0
-        for method in methods:
+        for (cls, options, where), method in zip(parsed, methods, strict=True):
             previous = Samples(journal, list(batch_ids))  # the batches of the methods before this one
+            worker = MethodWorker(os.getcwd(), (cls, options, where, params_file), ctx, method)
             with progress_bar(f"generate: {method.name}", None) as advance:
-                for jobs in batched(method.plan(ctx, previous), ctx.batch_size):
-                    # Batch ids number the batches of the whole stage, so they are the same in every run of the same work.
-                    batch_id = f"{ctx.fingerprint[:8]}-{method.name}-{len(batch_ids):04d}"
-                    if batch_id not in journal:
-                        planned = method.make(ctx, jobs)
-                        journal.write(batch_id, ctx.emit(method.name, batch_id, planned, method.model, method.model_revision))
-                        made += 1
-                    batch_ids.append(batch_id)
-                    advance(len(jobs))
+                todo = _missing_batches(method, ctx, previous, journal, batch_ids, advance)
+                for batch_id, planned, counts in engine.run_tasks(worker, todo):
+                    journal.write(batch_id, ctx.emit(method.name, batch_id, planned, method.model, method.model_revision))
+                    for key, added in counts.items():
+                        method.metrics[key] += added
+                    made += 1
+                    advance(len(planned))
 
         kept: Counter[str] = Counter()
         rejected: Counter[str] = Counter()

@@ -12,7 +12,6 @@ per iteration from the marginal examples of that iteration.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -97,10 +96,6 @@ class ImageMaker:
         self.prompt_hash = sha256_hex(template) if template else None
         self.method = image_method(family, generator.options)
 
-    def __call__(self, task: tuple[list[ImageJob], str]) -> list[Row]:
-        """One generation batch, (jobs, batch_id), as an engine task."""
-        return self.make(*task)
-
     def make(self, jobs: list[ImageJob], batch_id: str, extra_params: dict[str, Any] | None = None) -> list[Row]:
         """Generate the jobs' images as sample rows with provenance; extra_params join the generation params."""
         images = self.generator.generate([job.request for job in jobs])
@@ -145,13 +140,28 @@ class ImageMaker:
         }
 
 
-def _maker_in(cwd: str, params: dict[str, Any], generator: Path, source_uri: str, run_id: str) -> ImageMaker:
-    """The image maker as a Ray worker builds it: in the driver's project folder, with the driver's run id."""
-    from synthforge.stages.prepare import load_generator
+@dataclass
+class ImageWorker:
+    """Makes generation batches, (jobs, batch_id), as an engine task. The generator loads on the first batch,
+    where the batch runs (this process, or each Ray actor), and never travels: what pickles is how to load it."""
 
-    os.chdir(cwd)
-    family, gen = load_generator(params, generator)
-    return ImageMaker(family, gen, source_uri, run_id)
+    project: str  # the folder params' paths are relative to
+    params: dict[str, Any]
+    generator: Path
+    source_uri: str
+    run_id: str
+    maker: ImageMaker | None = None
+
+    def __call__(self, task: tuple[list[ImageJob], str]) -> list[Row]:
+        if self.maker is None:
+            from synthforge.stages.prepare import load_generator
+
+            os.chdir(self.project)
+            self.maker = ImageMaker(*load_generator(self.params, self.generator), self.source_uri, self.run_id)
+        return self.maker.make(*task)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "maker": None}
 
 
 def run_generate_images(
@@ -189,15 +199,13 @@ def run_generate_images(
     batches = [planned[start : start + batch_size] for start in range(0, len(planned), batch_size)]
     # Batch ids number the batches of the whole stage, so they are the same in every run of the same work.
     batch_ids = [f"{fingerprint['fingerprint'][:8]}-{method}-{b:04d}" for b in range(len(batches))]
-    # The generator is loaded where the images are made (this process, or once per Ray actor), and only when a
-    # batch is missing; every worker records this run's id.
-    build = functools.partial(_maker_in, os.getcwd(), params, generator, info["source_id"], uuid.uuid4().hex[:12])
-    schema = with_provenance(IMAGE_CONTENT_SCHEMA)
-    with Journal.open(out, fingerprint["fingerprint"], schema) as journal:
+    # Every worker (this process, or each Ray actor) records this run's id.
+    worker = ImageWorker(os.getcwd(), params, generator, info["source_id"], uuid.uuid4().hex[:12])
+    with Journal.open(out, fingerprint["fingerprint"], with_provenance(IMAGE_CONTENT_SCHEMA)) as journal:
         todo = [(jobs, batch_id) for jobs, batch_id in zip(batches, batch_ids, strict=True) if batch_id not in journal]
         with progress_bar("generate", len(planned)) as advance:
             advance(len(planned) - sum(len(jobs) for jobs, _ in todo))
-            for (jobs, batch_id), rows in zip(todo, engine.run_tasks(build, todo, schema), strict=True):
+            for (jobs, batch_id), rows in zip(todo, engine.run_tasks(worker, todo), strict=True):
                 journal.write(batch_id, rows)
                 advance(len(jobs))
         with StageWriter(out, "generate", IMAGE_CONTENT_SCHEMA, fingerprint) as writer:
