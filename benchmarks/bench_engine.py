@@ -15,16 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from stage_runs import STAGES, peak_rss_mb, run_stages
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-STAGES = ("judge", "dedup", "tag", "split")
 PARAMS = {
     "seed": 7,
     "judge": {
@@ -91,35 +91,14 @@ def make_input(n: int, out: Path, batch: int = 20_000) -> None:
 
 def run_one(size: int, engine: str, work: Path) -> dict:
     """One (size, engine) run in this process: seconds and rows/s per stage, peak RSS."""
-    from synthforge.engine import get_engine
-    from synthforge.stages.dedup import run_dedup
-    from synthforge.stages.judge import run_judge
-    from synthforge.stages.split import run_split
-    from synthforge.stages.tag import run_tag
-
     params = {**PARAMS, "engine": {"name": engine, "batch_rows": 8192, "ray": {"num_cpus": os.cpu_count()}}}
-    runners = {"judge": run_judge, "dedup": run_dedup, "tag": run_tag, "split": run_split}
     src = work / "generated"
     t0 = time.perf_counter()
     make_input(size, src)
-    figures = {"size": size, "engine": engine, "input_s": round(time.perf_counter() - t0, 2), "stages": {}}
-    if engine == "ray":
-        t0 = time.perf_counter()
-        get_engine(params)  # Ray's start-up, counted once and apart from the stages
-        figures["ray_start_s"] = round(time.perf_counter() - t0, 2)
+    figures = {"size": size, "engine": engine, "input_s": round(time.perf_counter() - t0, 2)}
     os.chdir(work)
-    for stage in STAGES:
-        out = work / stage
-        t0 = time.perf_counter()
-        stats = runners[stage](params, src, out)
-        seconds = time.perf_counter() - t0
-        figures["stages"][stage] = {
-            "seconds": round(seconds, 2),
-            "rows_per_s": round(stats["entered"] / seconds),
-            "kept": stats["kept"],
-        }
-        src = out
-    figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    figures |= run_stages(params, src, work)
+    figures["peak_rss_mb"] = peak_rss_mb()
     return figures
 
 

@@ -27,24 +27,20 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from stage_runs import STAGES, peak_rss_mb, run_stages
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-STAGES = ("judge", "dedup", "tag", "split")
 CLASSIFIER_EPOCHS = 12
 COPY_FRACTION = 0.03  # exact copies of an earlier image
 NOISE_STD = 24.0  # pixel noise (0-255) on top of the shift; at 16, phash near duplicates grow quickly with size
 METHOD = "bench-perturbed-real"
-
-
-def peak_rss_mb() -> int:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def setup(root: Path) -> None:
@@ -129,14 +125,8 @@ def run_one(engine: str, project: Path, src: Path, work: Path) -> dict:
     """The four stages on one engine, in this process: seconds, rows/s, kept rows and peak RSS after each."""
     import torch
 
-    from synthforge.engine import get_engine
     from synthforge.params import load_params
-    from synthforge.stages.dedup import run_dedup
-    from synthforge.stages.judge import run_judge
-    from synthforge.stages.split import run_split
-    from synthforge.stages.tag import run_tag
 
-    runners = {"judge": run_judge, "dedup": run_dedup, "tag": run_tag, "split": run_split}
     os.chdir(project)  # the params name the classifier and the real data relative to the project
     params = load_params("params.yaml")
     params["engine"] = {"name": engine, "batch_rows": 4096, "ray": {"num_cpus": os.cpu_count()}}
@@ -144,26 +134,9 @@ def run_one(engine: str, project: Path, src: Path, work: Path) -> dict:
         "engine": engine,
         "torch_threads": torch.get_num_threads(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
-        "stages": {},
+        "start_rss_mb": peak_rss_mb(),  # the libraries imported; each stage loads its models
     }
-    if engine == "ray":
-        t0 = time.perf_counter()
-        get_engine(params)  # Ray's start-up, counted once and apart from the stages
-        figures["ray_start_s"] = round(time.perf_counter() - t0, 2)
-    figures["start_rss_mb"] = peak_rss_mb()  # the libraries imported; each stage loads its models
-    for stage in STAGES:
-        out = work / stage
-        t0 = time.perf_counter()
-        stats = runners[stage](params, src, out)
-        seconds = time.perf_counter() - t0
-        figures["stages"][stage] = {
-            "seconds": round(seconds, 2),
-            "rows_per_s": round(stats["entered"] / seconds),
-            "entered": stats["entered"],
-            "kept": stats["kept"],
-            "peak_rss_mb": peak_rss_mb(),
-        }
-        src = out
+    figures |= run_stages(params, src, work)
     figures["peak_rss_mb"] = peak_rss_mb()
     return figures
 
